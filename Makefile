@@ -1,0 +1,46 @@
+# dumpwatch: `make test` and `make run` install what they need on a fresh Debian machine.
+SHELL := /bin/bash
+# Debian's own Python reads DICOM headers faster than a self-built one; any 3.11+ works.
+PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
+.PHONY: all install dcmtk test lint bench clean help
+
+all: test ## run the tests (the default)
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "dumpwatch needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) python3-venv; \
+	  else echo "Python's venv module is missing: as root, apt-get install python3-venv"; exit 1; fi; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(STAMP) ## make .venv with dumpwatch and its test tools
+
+dcmtk: ## install DCMTK's storescp and storescu with apt-get when they are missing
+	@command -v storescp >/dev/null && command -v storescu >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) dcmtk; \
+	  else echo "DCMTK is missing: as root, apt-get install dcmtk"; exit 1; fi; }
+
+test: install dcmtk ## run the tests
+	$(BIN)/pytest
+
+lint: install ## check the code with ruff
+	$(BIN)/pip install --quiet --disable-pip-version-check ruff
+	$(BIN)/ruff check dumpwatch tests bench scripts
+
+bench: install ## measure sort-once on a generated MR corpus (figures for docs/benchmarks.md)
+	$(BIN)/python bench/sort_once.py
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

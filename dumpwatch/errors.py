@@ -1,0 +1,27 @@
+"""The two kinds of expected failure: a bad file, and a bad configuration."""
+
+from __future__ import annotations
+
+
+class Rejected(Exception):
+    """This file cannot be sorted, and waiting will not change that: it goes to quarantine.
+
+    The message is the one-line reason written beside the file.
+    """
+
+
+class Incomplete(Rejected):
+    """The file is shorter than its own header says: it may still be arriving."""
+
+
+class ConfigError(Exception):
+    """A configuration or rule file is wrong; the message names the file, line and key."""
+
+    def __init__(self, message: str, path: object = None, line: int | None = None, key: str | None = None):
+        self.path, self.line, self.key = path, line, key
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line else f"{path}: "
+        if key:
+            where += f"{key}: "
+        super().__init__(where + message)

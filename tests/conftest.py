@@ -1,0 +1,119 @@
+"""Shared fixtures: the real scanner files of ../shared/testdata, real folders in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA", REPO.parent / "shared" / "testdata"))
+FIELDMAP = "siemens_fieldmap/2_gre_field_magph"
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    if not (TESTDATA / "expected.json").is_file():
+        pytest.fail(f"the real scanner files are missing: expected them in {TESTDATA} "
+                    "(set DUMPWATCH_TESTDATA to their folder)")
+    return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def expected(testdata: Path) -> dict:
+    return json.loads((testdata / "expected.json").read_text())["files"]
+
+
+def copy_testdata(testdata: Path, target: Path, only: str = "") -> list[Path]:
+    """Copy the scanner files (or those below `only`) to target, keeping their relative paths."""
+    copied = []
+    for path in sorted((testdata / only).rglob("*")):
+        if path.is_file() and path.suffix not in (".json", ".md"):
+            dest = target / path.relative_to(testdata)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            copied.append(dest)
+    return copied
+
+
+@pytest.fixture
+def dump(tmp_path: Path, testdata: Path) -> Path:
+    """A dump folder holding a copy of every real scanner file (sort-once moves its input)."""
+    folder = tmp_path / "dump"
+    copy_testdata(testdata, folder)
+    return folder
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+def run(*args: str, env: dict | None = None):
+    """Run the dumpwatch command in this process, as click runs it."""
+    from dumpwatch.cli import cli
+
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def run_process(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run dumpwatch as its own process (for kills and real exit codes)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dumpwatch", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+def tree_of(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file below root, hidden state folders excluded."""
+    files = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if rel.parts[0].startswith("."):
+            continue
+        if path.is_file() or path.is_symlink():
+            files[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "symlink"
+    return files
+
+
+def make_dicom(path: Path, template: Path, **fields: object) -> Path:
+    """Write a DICOM file: a real scanner file with some header fields changed.
+
+    SOPInstanceUID is new unless given; a field set to None is deleted.
+    """
+    ds = dcmread(template)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in fields.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+@pytest.fixture
+def template_file(testdata: Path) -> Path:
+    """One real Siemens image to build synthetic files from."""
+    return testdata / FIELDMAP / "e1_01.dcm"
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks():
+    """A test must not leave threads running (as watchdog's own tests check)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+    assert not leaked, f"threads left running: {leaked}"
