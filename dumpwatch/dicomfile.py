@@ -1,0 +1,374 @@
+"""Reading one received file: its bytes, its hash, its header, and proof that it is whole.
+
+pydicom reads a truncated file without complaint, so every file is also walked element by
+element, by declared lengths, to its end. That walk also picks out the few elements that
+name the file, so the usual file needs no full parse: pydicom converts just those values.
+Anything the walk does not expect (deflate, a damaged sequence) goes to pydicom's full
+reader, whose verdict stands.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import mmap
+import os
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+
+from dumpwatch.errors import Incomplete, Rejected
+
+IN_MEMORY_MAX = 64 * 1024 * 1024  # larger files are hashed in chunks and walked through mmap
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
+_SPECTROSCOPY_DATA = 0x56000020
+_ALWAYS = frozenset({0x00080005, 0x00080016})  # SpecificCharacterSet, SOPClassUID
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_IMPLICIT_LE, _EXPLICIT_BE, _DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+
+
+class NotRegular(Rejected):
+    """A symlink, FIFO, socket, device or folder where a file was expected."""
+
+
+class _Unexpected(Exception):
+    """The walk met something only pydicom's full reader should judge."""
+
+
+@dataclass
+class DicomFile:
+    """A received file, read once: checked whole, its header (or the part asked for) parsed."""
+
+    path: str
+    fd: int  # open for reading until close()
+    st: os.stat_result
+    size: int
+    sha256: str
+    ds: Dataset  # header elements, never the pixel data
+    tail: int  # where the full header read stopped (the pixel data element), 0 after a walk
+    data: bytes | None  # the whole file when it is small enough to hold in memory
+    complete_header: bool  # ds holds every header element (else only those asked for)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def full_header(self) -> Dataset:
+        """The whole header, parsed by pydicom (read again if only a part was asked for)."""
+        if not self.complete_header:
+            self.ds, self.tail = _parse_header(self._stream(), self.size)
+            self.complete_header = True
+        return self.ds
+
+    def _stream(self) -> io.IOBase:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return open(os.dup(self.fd), "rb", buffering=1024 * 1024)
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open a file for reading without following a symlink or blocking on a FIFO."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags | os.O_NOATIME)  # reading must not write an access time
+        except PermissionError:  # O_NOATIME is for the file's owner only
+            fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegular("a symbolic link: not followed") from None
+        if exc.errno == errno.ENXIO:  # a socket
+            raise NotRegular("a socket, not a file") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(f"{_kind(st.st_mode)}, not a file")
+    return fd, st
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
+    """Read path once and prove it whole. Raises Rejected, Incomplete or OSError.
+
+    With `wanted` (tags), only those header elements are kept, found by the walk; without,
+    pydicom parses the whole header (to anonymise it, say).
+    """
+    fd, st = open_regular(path)
+    try:
+        if st.st_size <= IN_MEMORY_MAX:
+            data: bytes | None = _read_all(fd, st.st_size)
+            size = len(data)
+            digest = hashlib.sha256(data).hexdigest()
+            buffer: bytes | mmap.mmap = data
+        else:
+            data = None
+            with open(os.dup(fd), "rb") as stream:
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+                size = stream.tell()
+            buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+        try:
+            _check_start(buffer, size)
+            if wanted is not None:
+                try:
+                    ds = scan(buffer, size, wanted)
+                    return DicomFile(path, fd, st, size, digest, ds, 0, data, False)
+                except _Unexpected:
+                    pass
+            stream = io.BytesIO(data) if data is not None else open(os.dup(fd), "rb", buffering=1 << 20)
+            with stream:
+                ds, tail = _parse_header(stream, size)
+            check_complete(ds, size, buffer)
+            return DicomFile(path, fd, st, size, digest, ds, tail, data, True)
+        finally:
+            if isinstance(buffer, mmap.mmap):
+                buffer.close()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The whole file; read in one call when its size is right (one more byte shows growth)."""
+    chunks = []
+    while chunk := os.read(fd, max(size + 1, 1 << 16) if not chunks else 1 << 20):
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _check_start(buffer, size: int) -> None:
+    if size == 0:
+        raise Incomplete("empty file (0 bytes)")
+    if size < 132:
+        if buffer[:size].count(0) == size:  # storescp starts every file with 128 zero bytes
+            raise Incomplete(f"only {size} bytes: too short for a DICOM file")
+        raise Rejected(f"not a DICOM file (only {size} bytes)")
+    if buffer[128:132] != b"DICM":
+        raise Rejected("not a DICOM file (no 'DICM' marker at byte 128)")
+
+
+def _parse_header(stream: io.IOBase, size: int) -> tuple[Dataset, int]:
+    try:
+        ds = dcmread(stream, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds for a damaged header
+        if stream.tell() >= size - 8:
+            raise Incomplete(f"the file ends inside the header ({size} bytes)") from None
+        raise Rejected(f"unreadable DICOM header: {_one_line(exc)}") from None
+    return ds, stream.tell()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+# -- the walk ------------------------------------------------------------------------------
+
+
+def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
+    """Walk the whole file by declared lengths; return a Dataset of the wanted elements.
+
+    Raises Incomplete if the file is shorter than it declares, _Unexpected for anything
+    the full reader should look at instead.
+    """
+    meta: dict[int, RawDataElement] = {}
+    walker = _Walker(buffer, size, implicit=False, little=True)
+    position = 132
+    while position + 8 <= size and struct.unpack_from("<H", buffer, position)[0] == 0x0002:
+        tag, vr, value_at, length = walker.element(position)
+        if length == _UNDEFINED or value_at + length > size:
+            raise _Unexpected()
+        value = bytes(buffer[value_at : value_at + length])
+        meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii"), length, value, value_at, False, True)
+        position = value_at + length
+    syntax = meta.get(0x00020010)
+    if syntax is None or position >= size:
+        raise _Unexpected()
+    ts = syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
+    if ts == _DEFLATED:
+        raise _Unexpected()
+    implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
+    if not implicit and not _looks_explicit(buffer, position, size):
+        implicit = True  # a file meta that says explicit VR before an implicit data set
+    walker = _Walker(buffer, size, implicit, little)
+    found, seen = walker.walk(position, wanted | _ALWAYS)
+    if not seen:
+        raise Incomplete("no data set after the file meta information")
+    ds = Dataset(found)
+    ds.file_meta = FileMetaDataset(meta)
+    ds.set_original_encoding(implicit, little, None)
+    _check_object(ds.file_meta, seen, ds)
+    return ds
+
+
+def _looks_explicit(buffer, position: int, size: int) -> bool:
+    vr = buffer[position + 4 : position + 6]
+    return len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
+
+
+def _check_object(file_meta: Dataset, seen: set[int], ds: Dataset) -> None:
+    """Image objects need pixel data, spectroscopy objects their data: catches a cut between elements."""
+    sop_class = UID(str(file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "")))
+    name = sop_class.name if sop_class.is_valid else ""
+    if "Image Storage" in name and not seen & _PIXEL_TAGS:
+        raise Incomplete(f"{name} without pixel data: the file ends before the image")
+    if name == "MR Spectroscopy Storage" and _SPECTROSCOPY_DATA not in seen:
+        raise Incomplete("MR Spectroscopy Storage without SpectroscopyData: the file ends early")
+
+
+def check_complete(ds: Dataset, size: int, buffer) -> None:
+    """After pydicom's read: walk on from the last element it parsed to the end of the file."""
+    if not len(ds):
+        raise Incomplete("no data set after the file meta information")
+    if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
+        _check_deflated(ds, size, buffer)
+        return
+    implicit, little = ds.original_encoding
+    last = ds.get_item(next(reversed(ds.keys())))
+    value_at = getattr(last, "value_tell", None)
+    if value_at is None:
+        value_at = last.file_tell
+    header = 8 if implicit or last.VR.encode() not in _LONG_VRS else 12
+    walker = _Walker(buffer, size, implicit, little)
+    try:
+        _, seen = walker.walk(value_at - header, frozenset())
+    except _Unexpected:
+        raise Rejected("damaged element structure after the header") from None
+    _check_object(ds.file_meta, seen | set(ds.keys()), ds)
+
+
+class _Walker:
+    """Steps over raw elements by their declared lengths, reading values only when asked."""
+
+    def __init__(self, buffer, size: int, implicit: bool, little: bool):
+        self.buffer, self.size, self.implicit = buffer, size, implicit
+        endian = "<" if little else ">"
+        self.little = little
+        self.tag_len = struct.Struct(endian + "HHL")
+        self.explicit = struct.Struct(endian + "HH2sH")
+        self.long = struct.Struct(endian + "L")
+
+    def element(self, position: int, implicit: bool | None = None) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR or None, value position, length) of the element at position."""
+        if position + 8 > self.size:
+            raise Incomplete(f"the file ends inside an element header at byte {position} ({self.size} bytes)")
+        if self.implicit if implicit is None else implicit:
+            group, element, length = self.tag_len.unpack_from(self.buffer, position)
+            return group << 16 | element, None, position + 8, length
+        group, element, vr, length = self.explicit.unpack_from(self.buffer, position)
+        if group == 0xFFFE:  # items and delimiters carry no VR
+            group, element, length = self.tag_len.unpack_from(self.buffer, position)
+            return group << 16 | element, None, position + 8, length
+        if vr in _LONG_VRS:
+            if position + 12 > self.size:
+                raise Incomplete(f"the file ends inside an element header at byte {position} ({self.size} bytes)")
+            return group << 16 | element, vr, position + 12, self.long.unpack_from(self.buffer, position + 8)[0]
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise _Unexpected()  # not a VR: the encoding changed under us
+        return group << 16 | element, vr, position + 8, length
+
+    def walk(self, position: int, wanted: frozenset[int]) -> tuple[dict[int, RawDataElement], set[int]]:
+        """Walk top-level elements to the end of the file: (wanted elements, every tag met)."""
+        found: dict[int, RawDataElement] = {}
+        seen = set()
+        buffer, size, implicit, little = self.buffer, self.size, self.implicit, self.little
+        while position < size:
+            tag, vr, value_at, length = self.element(position)
+            seen.add(tag)
+            if length == _UNDEFINED:
+                position = self._skip_items(value_at, tag, implicit or vr == b"UN")
+                continue
+            end = value_at + length
+            if end > size:
+                raise Incomplete(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes at byte {value_at}, "
+                    f"but the file ends at byte {size}"
+                )
+            if tag in wanted:
+                found[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii") if vr else None, length,
+                                            bytes(buffer[value_at:end]), value_at, implicit, little)
+            position = end
+        return found, seen
+
+    def _skip_items(self, position: int, owner: int, implicit: bool) -> int:
+        """Skip the items of an undefined-length sequence or encapsulated pixel data."""
+        while True:
+            if position + 8 > self.size:
+                raise Incomplete(
+                    f"element ({owner >> 16:04X},{owner & 0xFFFF:04X}) has no end: "
+                    f"the file ends at byte {self.size} before its delimiter"
+                )
+            group, element, length = self.tag_len.unpack_from(self.buffer, position)
+            tag = group << 16 | element
+            position += 8
+            if tag == _SEQUENCE_END:
+                return position
+            if tag != _ITEM:
+                raise _Unexpected()
+            if length == _UNDEFINED:
+                position = self._skip_dataset(position, owner, implicit)
+            else:
+                if position + length > self.size:
+                    raise Incomplete(
+                        f"an item of ({owner >> 16:04X},{owner & 0xFFFF:04X}) declares {length} bytes at byte "
+                        f"{position}, but the file ends at byte {self.size}"
+                    )
+                position += length
+
+    def _skip_dataset(self, position: int, owner: int, implicit: bool) -> int:
+        """Skip an undefined-length item's elements up to its item delimiter."""
+        if not implicit and not _looks_explicit(self.buffer, position, self.size):
+            implicit = True  # some writers switch to implicit VR inside sequences
+        while True:
+            if position >= self.size:
+                raise Incomplete(
+                    f"an item of ({owner >> 16:04X},{owner & 0xFFFF:04X}) has no end: "
+                    f"the file ends at byte {self.size}"
+                )
+            tag, vr, value_at, length = self.element(position, implicit)
+            if tag == _ITEM_END:
+                return value_at
+            if length == _UNDEFINED:
+                position = self._skip_items(value_at, tag, implicit or vr == b"UN")
+                continue
+            if value_at + length > self.size:
+                raise Incomplete(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes at byte {value_at}, "
+                    f"but the file ends at byte {self.size}"
+                )
+            position = value_at + length
+
+
+def _check_deflated(ds: Dataset, size: int, buffer) -> None:
+    """A deflated data set is whole when its zlib stream reaches its end."""
+    meta_length = int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
+    position = 132 + 12 + meta_length
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    while position < size and not inflater.eof:
+        chunk = buffer[position : position + (1 << 20)]
+        inflater.decompress(chunk, 0)
+        position += len(chunk)
+    if not inflater.eof:
+        raise Incomplete(f"the deflated data set is cut short ({size} bytes)")
