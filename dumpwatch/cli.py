@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
 from dumpwatch import __version__
-from dumpwatch.config import Config, load_config
+from dumpwatch.config import Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
+from dumpwatch.journal import Journal
+from dumpwatch.pipeline import Outcome
+from dumpwatch.sortonce import EXIT_ERROR, sort_dir
+from dumpwatch.workers import quiet_pydicom
+
+log = logging.getLogger("dumpwatch")
 
 
 @dataclass
 class Options:
     config: str | None
     verbose: int
+
+
+def setup_logging(cfg: Config, verbose: int) -> None:
+    """INFO and up to the log file (if fname_log is set); to stderr, errors only unless -v."""
+    quiet_pydicom()
+    root = logging.getLogger("dumpwatch")
+    for handler in [h for h in root.handlers if getattr(h, "dumpwatch", False)]:
+        root.removeHandler(handler)  # set up again (a second command in one process)
+        handler.close()
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    stderr.setFormatter(form)
+    stderr.dumpwatch = True  # type: ignore[attr-defined]
+    root.addHandler(stderr)
+    if cfg.fname_log is not None:
+        cfg.fname_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(cfg.fname_log)  # reopens after logrotate
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(form)
+        handler.dumpwatch = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
 
 
 def _config(options: Options) -> Config:
@@ -35,6 +69,80 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = Options(config_path, verbose)
 
 
+@cli.command("sort-once")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
+              help="Quarantine folder (overrides dir_quarantine).")
+@click.option("--copy", is_flag=True, help="Copy files, leaving the sources in place (for archives).")
+@click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
+@click.pass_obj
+def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path | None,
+              copy: bool, dry_run: bool) -> None:
+    """Sort every file below FOLDER (an old dump, an archive), then exit.
+
+    Symlinks are never followed. Exit status: 0 when every file was sorted or was an
+    identical duplicate, 3 when some were quarantined or left, 1 on errors, 2 on bad usage.
+
+    \b
+    Example:
+        dumpwatch sort-once /srv/dicom/old-dump --out /srv/dicom/sorted
+    """
+    cfg = _config(options)
+    folder = Path(os.path.abspath(folder))
+    changes: dict[str, object] = {}
+    if out is not None:
+        changes["dir_out"] = Path(os.path.abspath(out))
+    if quarantine is not None:
+        changes["dir_quarantine"] = Path(os.path.abspath(quarantine))
+    if cfg.dir_dump is None and cfg.dir_quarantine is None and quarantine is None:
+        changes["dir_quarantine"] = folder.parent / "quarantine"
+    cfg = cfg.replace(**changes)
+    if cfg.dir_out is None:
+        raise click.UsageError("no sorted tree: give --out DIR or set dir_out in the configuration")
+    out_dir = Path(os.path.abspath(cfg.dir_out))
+    if folder == out_dir or out_dir in folder.parents:
+        raise click.UsageError(f"{folder} is inside the sorted tree {out_dir}; sort from outside it")
+    try:
+        check_layout(cfg)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    setup_logging(cfg, options.verbose)
+
+    bar = None
+    show_bar = sys.stderr.isatty() and not dry_run
+
+    def start(total: int) -> None:
+        nonlocal bar
+        if show_bar and total:
+            bar = click.progressbar(length=total, label="Sorting", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+
+    def advance(count: int) -> None:
+        if bar is not None:
+            bar.update(count)
+
+    def explain(outcome: Outcome) -> None:
+        source = os.path.relpath(outcome.source, folder)
+        if outcome.outcome in ("sorted", "duplicate"):
+            target = os.path.relpath(outcome.detail, out_dir)
+            arrow = "->" if outcome.outcome == "sorted" else "=="
+            click.echo(f"{outcome.outcome:<11} {source} {arrow} {target}")
+        else:
+            click.echo(f"{outcome.outcome:<11} {source}: {outcome.detail}")
+
+    try:
+        summary = sort_dir(folder, cfg, copy=copy, dry_run=dry_run, count_first=start, progress=advance,
+                           on_outcome=explain if dry_run else None)
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(summary.render(cfg, dry_run))
+    sys.exit(summary.exit_code)
+
+
 @cli.command("check-config")
 @click.pass_obj
 def check_config(options: Options) -> None:
@@ -49,6 +157,40 @@ def check_config(options: Options) -> None:
         click.echo(f"note: '{key}' (from DcmServer) is not used: {LEGACY_UNUSED[key]}")
     for note in cfg.layout_warnings():
         click.echo(f"note: {note}")
+
+
+@cli.command("where")
+@click.argument("term")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
+@click.pass_obj
+def where(options: Options, term: str, out: Path | None) -> None:
+    """What happened to a file: TERM is its name in the dump, its SOPInstanceUID, its
+    sha256 or its path in the sorted tree. Exit status 1 when the journal has no trace of it.
+
+    \b
+    Example:
+        dumpwatch where MR.1.3.12.2.1107.5.2.43.67093.30000021071512345678900000001
+    """
+    cfg = _config(options)
+    if out is not None:
+        cfg = cfg.replace(dir_out=Path(os.path.abspath(out)))
+    path = cfg.journal_path
+    if path is None or not path.exists():
+        raise click.ClickException(f"no journal at {path}" if path else "no journal: set dir_out or journal")
+    journal = Journal(path)
+    try:
+        rows = journal.find(term)
+    finally:
+        journal.close()
+    if not rows:
+        click.echo(f"no trace of {term} in {path}")
+        sys.exit(EXIT_ERROR)
+    for row in rows:
+        state = "" if row["done"] else " (under way)"
+        target = row["dest"] or ""
+        why = f"  ({row['reason']})" if row["reason"] else ""
+        click.echo(f"{row['time']}  {row['outcome']}{state}  {row['source'] or ''}"
+                   + (f" -> {target}" if target else "") + why)
 
 
 def main() -> None:

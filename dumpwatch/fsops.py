@@ -1,0 +1,147 @@
+"""Filesystem steps that never overwrite, never follow a symlink below dir_out, and can be fsynced."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+from dumpwatch.errors import Rejected
+from dumpwatch.naming import is_safe_component
+
+log = logging.getLogger(__name__)
+
+AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_noreplace_unsupported: set[int] = set()  # st_dev of filesystems that refused RENAME_NOREPLACE
+
+
+class TreeBlocked(Rejected):
+    """Something in dir_out (a symlink, a file) stands where a folder must be."""
+
+
+def move_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, device: int) -> None:
+    """Rename src to dst atomically; FileExistsError if dst exists. Never replaces.
+
+    Uses renameat2(RENAME_NOREPLACE), or link + unlink where the filesystem lacks it;
+    after a kill between those two, both names hold the same inode, which the journal's
+    recovery and the duplicate check both recognise.
+    """
+    if _renameat2 is not None and device not in _noreplace_unsupported:
+        if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), dst)
+        log.info("this filesystem has no RENAME_NOREPLACE; using link and unlink")
+        _noreplace_unsupported.add(device)
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir_fd)
+
+
+def open_dir(parent_fd: int, name: str) -> int:
+    """Open a folder below parent without following a symlink."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise TreeBlocked(f"{name!r} in the sorted tree is not a folder (a symlink or a file)") from None
+        raise
+
+
+def make_dirs(root_fd: int, names: tuple[str, ...], mode: int, gid: int | None) -> tuple[int, list[tuple[str, ...]]]:
+    """Open root/names..., creating what is missing with mode and group.
+
+    Returns the deepest folder's fd (the caller closes it) and the folders it created,
+    as paths below root, so that a caller can fsync their parents.
+    """
+    fd = os.dup(root_fd)
+    created: list[tuple[str, ...]] = []
+    try:
+        for depth, name in enumerate(names):
+            if not is_safe_component(name):
+                raise TreeBlocked(f"unsafe folder name {name!r}")
+            try:
+                child = open_dir(fd, name)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made at the same moment by another dumpwatch
+                child = open_dir(fd, name)
+                set_owner_mode(child, mode, gid)
+                created.append(names[: depth + 1])
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created
+
+
+_warned: set[str] = set()
+
+
+def set_owner_mode(fd: int, mode: int, gid: int | None, st: os.stat_result | None = None) -> None:
+    """Give fd the configured mode and group; a refusal is logged once, never fatal."""
+    st = st or os.fstat(fd)
+    try:
+        if gid is not None and st.st_gid != gid:
+            os.fchown(fd, -1, gid)
+        if st.st_mode & 0o7777 != mode:
+            os.fchmod(fd, mode)
+    except PermissionError as exc:
+        key = f"{exc.errno}"
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("cannot set mode %04o / group %s on sorted files: %s", mode, gid, exc.strerror)
+
+
+def write_new(dir_fd: int, name: str, fill: Callable[[int], None], mode: int, gid: int | None) -> None:
+    """Create a new file (never an existing one), let fill(fd) write it, fsync it.
+
+    On any error the partial file is removed.
+    """
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        fill(fd)
+        set_owner_mode(fd, mode, gid)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy count bytes from src_fd at offset to the end of dst_fd, in the kernel where it can."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, count, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            done = os.write(dst_fd, os.pread(src_fd, min(count, 1 << 20), offset))
+        if done == 0:
+            raise OSError(errno.EIO, "source file shrank while it was copied")
+        offset += done
+        count -= done
+

@@ -1,0 +1,156 @@
+"""The journal: one SQLite row per outcome, written ahead of each move so a kill -9 loses none."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+OUTCOMES = ("sorted", "duplicate", "quarantined", "left", "renamed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,        -- UTC, ISO 8601
+    outcome TEXT NOT NULL,     -- sorted, duplicate, quarantined, left, renamed
+    done INTEGER NOT NULL,     -- 0 while the move is under way; start-up recovery settles it
+    kept INTEGER NOT NULL DEFAULT 0, -- 1 when the source stays where it was (sort-once --copy)
+    source TEXT,               -- the path the file had when dumpwatch found it
+    name TEXT,                 -- its file name, to look up the cryptic names storescp gives
+    sop_uid TEXT,
+    series_uid TEXT,
+    sha256 TEXT,               -- of the file as received
+    out_sha256 TEXT,           -- of the file as placed, when anonymising changed it
+    dest TEXT,                 -- where it is now: in the sorted tree or the quarantine
+    reason TEXT                -- why it was quarantined or left
+);
+CREATE INDEX IF NOT EXISTS outcomes_name ON outcomes(name);
+CREATE INDEX IF NOT EXISTS outcomes_sop_uid ON outcomes(sop_uid);
+CREATE INDEX IF NOT EXISTS outcomes_sha256 ON outcomes(sha256);
+CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
+CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
+"""
+
+
+def now() -> str:
+    """UTC time to the millisecond, as the journal stores it."""
+    moment = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
+
+
+@dataclass
+class Entry:
+    outcome: str
+    source: str | None = None
+    sop_uid: str | None = None
+    series_uid: str | None = None
+    sha256: str | None = None
+    dest: str | None = None
+    reason: str | None = None
+    kept: bool = False
+    out_sha256: str | None = None
+    id: int | None = None  # set once written
+
+
+class Journal:
+    """Append-mostly SQLite log. Survives kill -9 (WAL); answers look-ups by index."""
+
+    def __init__(self, path: Path, mode: int = 0o660):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        if fresh:
+            os.chmod(path, mode & 0o660)  # the journal names patients' files: never world-readable
+
+    def close(self) -> None:
+        self.db.close()
+
+    def begin(self, entries: Iterable[Entry]) -> None:
+        """Write entries as under way (done = 0), before the files move."""
+        self._insert(entries, done=0)
+
+    def record(self, entries: Iterable[Entry]) -> None:
+        """Write entries that need no move (left files), or whose move is over."""
+        self._insert(entries, done=1)
+
+    def _insert(self, entries: Iterable[Entry], done: int) -> None:
+        entries = list(entries)
+        if not entries:
+            return
+        stamp = now()
+        with self._transaction() as db:
+            # Inside BEGIN IMMEDIATE no one else writes, and SQLite numbers new rows max(id) + 1
+            # onwards: the ids are known without a round trip per row.
+            first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM outcomes").fetchone()[0]
+            db.executemany(
+                "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
+                " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(first + number, stamp, e.outcome, done, int(e.kept), e.source,
+                  os.path.basename(e.source) if e.source else None, e.sop_uid, e.series_uid, e.sha256,
+                  e.out_sha256, e.dest, e.reason) for number, e in enumerate(entries)],
+            )
+        for number, entry in enumerate(entries):
+            entry.id = first + number
+
+    def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
+        """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""
+        done, undone = list(done), list(undone)
+        if not done and not undone:
+            return
+        stamp = now()
+        with self._transaction() as db:
+            db.executemany("UPDATE outcomes SET done = 1, time = ? WHERE id = ?", [(stamp, e.id) for e in done])
+            # Rows that named a renamed file's old place now name the new one.
+            db.executemany(
+                "UPDATE outcomes SET dest = ? WHERE dest = ? AND id != ?",
+                [(e.dest, e.source, e.id) for e in done if e.outcome == "renamed"],
+            )
+            db.executemany(
+                "UPDATE outcomes SET done = 1, time = ?, outcome = 'left', dest = NULL, reason = ? WHERE id = ?",
+                [(stamp, e.reason, e.id) for e in undone],
+            )
+
+    def forget(self, ids: Iterable[int]) -> None:
+        """Drop rows of moves that never started (found by recovery)."""
+        with self._transaction() as db:
+            db.executemany("DELETE FROM outcomes WHERE id = ? AND done = 0", [(i,) for i in ids])
+
+    def pending(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM outcomes WHERE done = 0 ORDER BY id").fetchall()
+
+    def find(self, term: str, limit: int = 200) -> list[sqlite3.Row]:
+        """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path."""
+        name = os.path.basename(term.rstrip("/"))
+        return self.db.execute(
+            "SELECT * FROM outcomes WHERE id IN ("
+            " SELECT id FROM outcomes WHERE name = :name"
+            " UNION SELECT id FROM outcomes WHERE sop_uid = :term"
+            " UNION SELECT id FROM outcomes WHERE sha256 = :lower"
+            " UNION SELECT id FROM outcomes WHERE dest = :term"
+            " UNION SELECT id FROM outcomes WHERE dest = :absolute"
+            ") ORDER BY id LIMIT :limit",
+            {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term), "limit": limit},
+        ).fetchall()
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")

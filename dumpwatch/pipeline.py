@@ -1,0 +1,665 @@
+"""The chain: read, anonymise and name a file (in a worker), then place or quarantine it and
+journal the outcome (in the sorter). Nothing wrong with one file stops the others."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmwrite
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
+
+from dumpwatch import failpoints
+from dumpwatch.anonymise import empty_fields
+from dumpwatch.config import Config
+from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
+from dumpwatch.errors import Incomplete, Rejected
+from dumpwatch.fsops import AT_FDCWD, copy_range, move_noreplace, set_owner_mode, write_all, write_new
+from dumpwatch.journal import Entry, Journal, now
+from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
+from dumpwatch.tree import Decision, Tree
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOLCK}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """OS errors worth another try; a missing permission or a full disk will not heal in seconds."""
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT
+
+
+retrying = Retrying(
+    retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+
+
+def retry_transient(call, *args):
+    """call(*args); if it fails with a transient OS error, again under the retry policy.
+
+    The first try goes without tenacity's bookkeeping: it is on every file's path.
+    """
+    try:
+        return call(*args)
+    except OSError as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("retrying after %s", exc)
+        return retrying(call, *args)
+
+
+def os_reason(exc: OSError) -> str:
+    """A one-line reason for an OS error, e.g. 'No space left on device'."""
+    text = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return f"disk full ({text})"
+    return text
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs to prepare files; sent once to each worker process."""
+
+    template: Template
+    wanted: frozenset[int] | None  # header tags to read; None: all (to anonymise)
+    reserved: frozenset[str]
+    anon_fields: tuple[int, ...]
+    file_mode: int
+    gid: int | None
+    staging: str | None  # folder on dir_out's filesystem for files dumpwatch writes itself
+    out_device: int
+    copy: bool
+    dry_run: bool
+    incomplete_timeout: float
+
+
+@dataclass
+class Prepared:
+    """A file read, checked and named, ready to be placed."""
+
+    source: str
+    sha256: str  # of the received file
+    out_sha256: str  # of the bytes to place (differs when anonymised)
+    size: int  # of the bytes to place
+    dev: int
+    ino: int
+    sop_uid: str
+    series_uid: str
+    name: Name
+    staged: str | None = None  # a copy written to the staging folder, to place instead of source
+
+
+@dataclass
+class Failed:
+    """A file that will not be placed now: 'quarantine', 'left' for a later try, or 'gone'."""
+
+    source: str
+    action: str
+    reason: str
+    sha256: str | None = None
+    sop_uid: str | None = None
+
+
+@dataclass
+class Outcome:
+    source: str
+    outcome: str  # sorted, duplicate, quarantined, left, gone
+    detail: str  # where it went, or why
+
+
+# -- in a worker --------------------------------------------------------------------------
+
+
+def _writeback_seconds() -> float:
+    """How old dirty data can get before the kernel's flusher writes it (default 30 + 5 s)."""
+    total = 0.0
+    for name, default in (("dirty_expire_centisecs", 3000), ("dirty_writeback_centisecs", 500)):
+        try:
+            total += int(Path("/proc/sys/vm", name).read_text()) / 100
+        except (OSError, ValueError):
+            total += default / 100
+    return total + 5  # and a margin for the write itself
+
+
+WRITEBACK_SECONDS = _writeback_seconds()
+
+_staging_fds: dict[str, int] = {}
+_counter = itertools.count()
+
+
+def prepare(path: str, job: Job) -> Prepared | Failed:
+    """Read, check, anonymise and name one file; stage a copy when it cannot simply be moved."""
+    try:
+        dicom = retry_transient(read_dicom, path, job.wanted)
+    except FileNotFoundError:
+        return Failed(path, "gone", "vanished before it was read")
+    except Incomplete as exc:
+        return _incomplete(path, str(exc), job)
+    except NotRegular as exc:
+        return Failed(path, "quarantine" if not job.copy else "left", str(exc))
+    except Rejected as exc:
+        return Failed(path, "quarantine", str(exc))
+    except OSError as exc:
+        return Failed(path, "left", os_reason(exc))
+    try:
+        failpoints.hit("read")
+        return _prepare_read(dicom, job)
+    except Rejected as exc:
+        return Failed(path, "quarantine", str(exc), dicom.sha256)
+    except OSError as exc:
+        return Failed(path, "left", os_reason(exc), dicom.sha256)
+    except Exception as exc:
+        log.exception("bug while sorting %s", path)
+        return Failed(path, "quarantine", f"internal error: {exc!r}", dicom.sha256)
+    finally:
+        dicom.close()
+
+
+def _incomplete(path: str, reason: str, job: Job) -> Failed:
+    """A short file may still be arriving; quarantine it once it has been still for long enough."""
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return Failed(path, "gone", "vanished before it was read")
+    if age < job.incomplete_timeout:
+        return Failed(path, "left", f"incomplete, may still be arriving: {reason}")
+    return Failed(path, "quarantine", f"truncated: {reason}")
+
+
+def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
+    ds = dicom.ds
+    sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")
+    if not sop_uid:
+        raise Rejected("no SOPInstanceUID (0008,0018)")
+    series_uid = (header_text(ds, "SeriesInstanceUID") or "").strip(" \0")
+    if "InstanceNumber" in job.template.keywords and not _positive(header_text(ds, "InstanceNumber")):
+        ds = dicom.full_header()  # the number is nested somewhere (Philips): search all of it
+    changed = empty_fields(ds, job.anon_fields)  # before naming: a path never holds a removed value
+    name = friendly_name(ds, job.template, job.reserved)
+    prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
+                        dicom.st.st_ino, sop_uid, series_uid, name)
+    if job.dry_run:
+        if changed:
+            header = _encode_header(dicom)
+            prepared.out_sha256, prepared.size = _digest_of(dicom, header)
+        return prepared
+    if changed or job.copy or dicom.st.st_dev != job.out_device:
+        _stage(dicom, prepared, _encode_header(dicom) if changed else None, job)
+    else:
+        # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk
+        # yet, and must be before it has a name in the tree. The kernel writes dirty data back
+        # within its own deadline, so older files (an old dump) need no fsync. fdatasync comes
+        # before the mode change, which would make it commit the inode too.
+        if time.time() - dicom.st.st_mtime < WRITEBACK_SECONDS:
+            os.fdatasync(dicom.fd)
+        set_owner_mode(dicom.fd, job.file_mode, job.gid, dicom.st)
+    failpoints.hit("prepared")
+    return prepared
+
+
+def _positive(text: str | None) -> bool:
+    try:
+        return float((text or "").split("\\")[0]) > 0
+    except ValueError:
+        return False
+
+
+def _encode_header(dicom: DicomFile) -> bytes:
+    """The changed header, in the file's own encoding; the pixel data is copied after it as is."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dicom.ds, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def _digest_of(dicom: DicomFile, header: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(header)
+    if dicom.data is not None:
+        digest.update(memoryview(dicom.data)[dicom.tail :])
+    else:
+        offset = dicom.tail
+        while chunk := os.pread(dicom.fd, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest(), len(header) + dicom.size - dicom.tail
+
+
+def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job) -> None:
+    """Write the bytes to place into the staging folder, fsynced, under a name with our pid."""
+    assert job.staging is not None
+    fd = _staging_fds.get(job.staging)
+    if fd is None:
+        fd = _staging_fds[job.staging] = os.open(job.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = f"{os.getpid()}-{next(_counter)}.part"
+    start = 0 if header is None else dicom.tail
+
+    def fill(out: int) -> None:
+        if header is not None:
+            write_all(out, header)
+        if dicom.data is not None:
+            write_all(out, memoryview(dicom.data)[start:])
+        else:
+            copy_range(dicom.fd, out, start, dicom.size - start)
+
+    retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
+    prepared.staged = name
+    if header is not None:
+        prepared.out_sha256, prepared.size = _digest_of(dicom, header)
+
+
+# -- in the sorter ------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    item: Prepared
+    decision: Decision
+    entry: Entry
+    renames: list[Entry] = field(default_factory=list)
+
+
+class Sorter:
+    """Places prepared files, quarantines rejected ones, journals every outcome.
+
+    Each batch runs under the tree lock: journal rows are written as under way, files move,
+    folders are fsynced where a copy replaces a source, sources go, rows are marked done.
+    A kill at any point leaves rows under way that recover() settles at the next start.
+    """
+
+    def __init__(self, cfg: Config, *, copy: bool = False, dry_run: bool = False):
+        if cfg.dir_out is None:
+            raise ValueError("dir_out is not set")
+        self.cfg, self.copy, self.dry_run = cfg, copy, dry_run
+        state = cfg.state_dir
+        assert state is not None
+        self.tree = Tree(cfg.dir_out, cfg.extension, cfg.dir_mode, cfg.group,
+                         lock_path=state / "tree.lock", dry_run=dry_run)
+        self.journal: Journal | None = None
+        self.staging = state / "tmp"
+        self.staging_fd = -1
+        if not dry_run:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            os.chmod(state, 0o2770 if cfg.dir_mode & 0o2000 else 0o770)
+            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            journal_path = cfg.journal_path
+            assert journal_path is not None
+            self.journal = Journal(journal_path)
+        self.job = Job(
+            template=cfg.template,
+            wanted=None if cfg.anon_fields else naming_tags(cfg.template),
+            reserved=_reserved_names(cfg),
+            anon_fields=cfg.anon_fields,
+            file_mode=cfg.file_mode,
+            gid=cfg.group,
+            staging=None if dry_run else str(self.staging),
+            out_device=self.tree.device,
+            copy=copy,
+            dry_run=dry_run,
+            incomplete_timeout=cfg.incomplete_timeout,
+        )
+
+    def close(self) -> None:
+        self.tree.close()
+        if self.staging_fd >= 0:
+            os.close(self.staging_fd)
+            self.staging_fd = -1
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def __enter__(self) -> Sorter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- batches -------------------------------------------------------------------------
+
+    def handle(self, results: Iterable[Prepared | Failed]) -> list[Outcome]:
+        """Place, quarantine or leave each prepared file; journal each outcome."""
+        prepared, failed = [], []
+        for result in results:
+            (prepared if isinstance(result, Prepared) else failed).append(result)
+        outcomes: list[Outcome] = []
+        with self.tree.locked():
+            if prepared:
+                outcomes += self._place(prepared, failed)
+            left = []
+            for item in failed:
+                if item.action == "quarantine":
+                    outcomes.append(self.quarantine(item))
+                elif item.action == "left":
+                    left.append(Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=item.reason))
+                    outcomes.append(Outcome(item.source, "left", item.reason))
+                    log.warning("left %s in place: %s", item.source, item.reason)
+                else:
+                    outcomes.append(Outcome(item.source, "gone", item.reason))
+                    log.info("%s %s", item.source, item.reason)
+            if left and self.journal is not None:
+                self.journal.record(left)
+        return outcomes
+
+    def _place(self, prepared: list[Prepared], failed: list[Failed]) -> list[Outcome]:
+        plans: list[_Plan] = []
+        for item in prepared:
+            try:
+                decision = self.tree.decide(item.name, item.series_uid, item.out_sha256, item.size, item.dev, item.ino)
+            except Rejected as exc:
+                failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
+                self._unstage(item)
+                continue
+            except OSError as exc:
+                failed.append(Failed(item.source, "left", os_reason(exc), item.sha256, item.sop_uid))
+                self._unstage(item)
+                continue
+            dest = str(self.tree.path(decision.rel))
+            entry = Entry(decision.outcome, item.source, item.sop_uid, item.series_uid, item.sha256, dest,
+                          kept=self.copy, out_sha256=None if item.out_sha256 == item.sha256 else item.out_sha256)
+            folder = decision.folder.rel
+            renames = [
+                Entry("renamed", str(self.tree.path((*folder, old))), dest=str(self.tree.path((*folder, new))),
+                      reason="the series has several echoes")
+                for old, new in decision.renames
+            ]
+            plans.append(_Plan(item, decision, entry, renames))
+        if self.dry_run:
+            return [Outcome(p.item.source, p.decision.outcome, p.entry.dest or "") for p in plans]
+        assert self.journal is not None
+        self.journal.begin([e for p in plans for e in (*p.renames, p.entry)])
+        failpoints.hit("journal-begun")
+
+        placed: list[_Plan] = []
+        undone: list[Entry] = []
+        must_sync: set[tuple[str, ...]] = set()
+        for plan in plans:
+            item, decision = plan.item, plan.decision
+            source = (self.staging_fd, item.staged) if item.staged else (AT_FDCWD, item.source)
+            try:
+                created = retry_transient(self.tree.apply, decision, source)
+            except (OSError, Rejected) as exc:
+                reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+                log.error("left %s in place: cannot place it at %s: %s", item.source, plan.entry.dest, reason)
+                self.tree.forget(decision.folder)
+                self._unstage(item)
+                plan.entry.reason = f"cannot place it: {reason}"
+                undone.append(plan.entry)
+                self.journal.forget([r.id for r in plan.renames if not os.path.lexists(r.dest or "")])
+                plan.renames = [r for r in plan.renames if os.path.lexists(r.dest or "")]
+                continue
+            failpoints.hit("placed")
+            placed.append(plan)
+            if item.staged and not self.copy:
+                must_sync.add(decision.folder.rel)
+                must_sync.update(rel[:-1] for rel in created)
+
+        if must_sync:  # copies must be durable before their sources go
+            self.tree.sync(must_sync)
+        outcomes = []
+        for plan in placed:
+            item = plan.item
+            if plan.decision.outcome == "duplicate" or plan.decision.already:
+                self._unstage(item)  # its copy was not needed
+            if not self.copy and (item.staged or plan.decision.outcome == "duplicate" or plan.decision.already):
+                failpoints.hit("unlink-source")
+                try:
+                    os.unlink(item.source)
+                except FileNotFoundError:
+                    pass
+            outcomes.append(Outcome(item.source, plan.decision.outcome, plan.entry.dest or ""))
+            log.info("%s %s -> %s", plan.decision.outcome, item.source, plan.entry.dest)
+        failpoints.hit("sources-removed")
+        finished = [e for p in plans for e in p.renames]  # those not carried out were forgotten above
+        finished += [p.entry for p in placed]
+        self.journal.finish(finished, undone)
+        outcomes += [Outcome(e.source or "", "left", e.reason or "") for e in undone]
+        return outcomes
+
+    def _unstage(self, item: Prepared) -> None:
+        if item.staged and self.staging_fd >= 0:
+            try:
+                os.unlink(item.staged, dir_fd=self.staging_fd)
+            except FileNotFoundError:
+                pass
+            item.staged = None
+
+    # -- quarantine ----------------------------------------------------------------------
+
+    def quarantine(self, item: Failed) -> Outcome:
+        """Move (or with --copy, copy) a rejected file to the quarantine, its reason beside it."""
+        qdir = self.cfg.quarantine_dir
+        assert qdir is not None
+        if self.dry_run:
+            return Outcome(item.source, "quarantined", item.reason)
+        assert self.journal is not None
+        try:
+            qdir.mkdir(parents=True, exist_ok=True)
+            qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+        try:
+            if item.sha256 is None and stat.S_ISREG(os.lstat(item.source).st_mode):
+                item.sha256 = _sha256(item.source)
+            name, reason_fd = _quarantine_slot(qfd, os.path.basename(item.source.rstrip("/")) or "unnamed",
+                                               item.sha256)
+            dest = str(qdir / name)
+            entry = Entry("quarantined", item.source, item.sop_uid, sha256=item.sha256, dest=dest,
+                          reason=item.reason, kept=self.copy)
+            if reason_fd < 0:  # the same bytes are in the quarantine already
+                if not self.copy:
+                    os.unlink(item.source)
+                self.journal.record([entry])
+                log.warning("%s is already quarantined as %s: %s", item.source, dest, item.reason)
+                return Outcome(item.source, "quarantined", item.reason)
+            self.journal.begin([entry])
+            try:
+                text = (f"{item.reason}\nfile: {item.source}\nsha256: {item.sha256 or '-'}\n"
+                        f"quarantined: {now()} by dumpwatch\n")
+                write_all(reason_fd, text.encode("utf-8", "backslashreplace"))
+                os.fsync(reason_fd)
+            finally:
+                os.close(reason_fd)
+            failpoints.hit("quarantine-reserved")
+            try:
+                self._move_to_quarantine(item.source, qfd, name)
+                failpoints.hit("quarantined")
+            except OSError as exc:
+                try:
+                    os.unlink(name + ".reason.txt", dir_fd=qfd)
+                except OSError:
+                    pass
+                entry.reason = f"cannot quarantine it ({item.reason}): {os_reason(exc)}"
+                self.journal.finish([], [entry])
+                log.error("left %s in place: %s", item.source, entry.reason)
+                return Outcome(item.source, "left", entry.reason)
+            self.journal.finish([entry])
+        except OSError as exc:
+            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+        finally:
+            os.close(qfd)
+        log.warning("quarantined %s: %s", item.source, item.reason)
+        return Outcome(item.source, "quarantined", item.reason)
+
+    def _left(self, item: Failed, reason: str) -> Outcome:
+        log.error("left %s in place: %s", item.source, reason)
+        if self.journal is not None:
+            self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason)])
+        return Outcome(item.source, "left", reason)
+
+    def _move_to_quarantine(self, source: str, qfd: int, name: str) -> None:
+        if self.copy:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                write_new(qfd, name, lambda out: copy_range(fd, out, 0, size), 0o640, self.cfg.group)
+            finally:
+                os.close(fd)
+            return
+        try:
+            move_noreplace(AT_FDCWD, source, qfd, name, os.fstat(qfd).st_dev)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                write_new(qfd, name, lambda out: copy_range(fd, out, 0, size), 0o640, self.cfg.group)
+            finally:
+                os.close(fd)
+            os.fsync(qfd)
+            os.unlink(source)
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Settle the moves a killed dumpwatch left under way; remove its staged copies.
+
+        Returns how many journal rows it settled.
+        """
+        if self.journal is None:
+            return 0
+        settled = 0
+        with self.tree.locked():  # every live writer finishes its rows before it lets go
+            # Echo renames first: settling one points the rows of the renamed file at its new name.
+            for renames in (True, False):
+                done, forget = [], []
+                for row in self.journal.pending():
+                    if (row["outcome"] == "renamed") != renames:
+                        continue
+                    if _settle(row):
+                        done.append(Entry(row["outcome"], row["source"], dest=row["dest"], id=row["id"]))
+                    else:
+                        forget.append(row["id"])
+                        if row["outcome"] == "quarantined" and row["dest"]:
+                            _remove(row["dest"] + ".reason.txt")
+                self.journal.finish(done)
+                self.journal.forget(forget)
+                settled += len(done) + len(forget)
+                if done or forget:
+                    log.warning("settled %d interrupted steps: %d completed, %d undone", len(done) + len(forget),
+                                len(done), len(forget))
+            self._clean_staging()
+        return settled
+
+    def _clean_staging(self) -> None:
+        with os.scandir(self.staging_fd) as entries:
+            for entry in entries:
+                pid = entry.name.split("-", 1)[0]
+                try:
+                    old = time.time() - entry.stat(follow_symlinks=False).st_mtime > 86400
+                except FileNotFoundError:
+                    continue
+                if old or not pid.isdigit() or not _alive(int(pid)):
+                    _remove(os.path.join(self.staging, entry.name))
+
+
+def _settle(row) -> bool:
+    """Finish the move a journal row describes, if it got far enough; True if it did."""
+    source, dest = row["source"], row["dest"]
+    if not dest or not os.path.lexists(dest):
+        return False
+    if row["outcome"] == "renamed":
+        if source and os.path.lexists(source) and _same_inode(source, dest):
+            os.unlink(source)
+        return True
+    if row["outcome"] != "quarantined":
+        expected = row["out_sha256"] or row["sha256"]
+        if _sha256(dest) != expected:
+            return False  # the name was taken by something else since: not ours
+    if source and not row["kept"] and source != dest and os.path.lexists(source):
+        if _same_inode(source, dest) or (row["sha256"] and _sha256(source) == row["sha256"]):
+            os.unlink(source)
+    return True
+
+
+def _same_inode(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _sha256(path: str, dir_fd: int | None = None) -> str | None:
+    """sha256 of a regular file; None if it is not one or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with open(fd, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _quarantine_slot(qfd: int, base: str, sha256: str | None) -> tuple[str, int]:
+    """A free name in the quarantine, reserved by creating its reason file (name, fd).
+
+    If a file there already holds these very bytes, returns its name and -1 instead.
+    """
+    for number in range(0, 1_000_000):
+        name = base if number == 0 else f"{base}.{number}"
+        try:
+            os.stat(name, dir_fd=qfd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if sha256 is not None and _sha256(name, qfd) == sha256:
+                return name, -1
+            continue
+        try:
+            fd = os.open(name + ".reason.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640,
+                         dir_fd=qfd)
+        except FileExistsError:
+            continue  # being reserved right now, or left by a kill: not ours
+        return name, fd
+    raise OSError(errno.ENOSPC, "no free name in the quarantine")
+
+
+def _reserved_names(cfg: Config) -> frozenset[str]:
+    """Top-level names below dir_out that hold other things (a DcmServer-style nested dump)."""
+    names = set()
+    assert cfg.dir_out is not None
+    out = os.path.abspath(cfg.dir_out)
+    for other in (cfg.dir_dump, cfg.quarantine_dir):
+        if other is not None:
+            rel = os.path.relpath(os.path.abspath(other), out)
+            if not rel.startswith(".."):
+                names.add(rel.split(os.sep)[0])
+    return frozenset(names)
+
+
+def chunked(items: Iterable[str], size: int) -> Iterable[list[str]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+

@@ -1,0 +1,84 @@
+"""Worker processes that read, check and name files in parallel; placing stays in one process."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+from pydicom import config as pydicom_config
+
+from dumpwatch.pipeline import Failed, Job, Prepared, prepare
+
+Result = Prepared | Failed
+
+_job: Job | None = None
+
+
+def quiet_pydicom() -> None:
+    """Read values as they are: pydicom's checks of each value against its VR only warn about
+    odd but readable headers (e.g. GE's long private SH values), and cost time per file."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _start_worker(job: Job) -> None:
+    global _job
+    _job = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    quiet_pydicom()
+
+
+def _prepare_chunk(paths: list[str]) -> list[Result]:
+    assert _job is not None
+    return [prepare(path, _job) for path in paths]
+
+
+class Workers:
+    """Runs prepare() over chunks of paths: in `count` processes, or in this one if count is 1."""
+
+    def __init__(self, job: Job, count: int):
+        self.job = job
+        self.count = count
+        self.pool: ProcessPoolExecutor | None = None
+        if count > 1:
+            # fork: the workers start at once with pydicom already imported; they are made
+            # before any thread exists in this process.
+            self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_start_worker, initargs=(job,))
+
+    def run(self, chunks: Iterable[list[str]]) -> Iterator[list[Result]]:
+        """Results chunk by chunk, as they complete; at most a few chunks are in flight."""
+        if self.pool is None:
+            for chunk in chunks:
+                yield [prepare(path, self.job) for path in chunk]
+            return
+        todo = iter(chunks)
+        running: set[Future] = set()
+        limit = 2 * self.count + 1
+        while True:
+            while len(running) < limit:
+                chunk = next(todo, None)
+                if chunk is None:
+                    break
+                running.add(self.pool.submit(_prepare_chunk, chunk))
+            if not running:
+                return
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

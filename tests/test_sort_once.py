@@ -1,0 +1,383 @@
+"""`dumpwatch sort-once` on real scanner files: the tree it makes, and every rule of the chain."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import sqlite3
+import stat
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from dumpwatch.config import Config
+from dumpwatch.sortonce import sort_dir
+
+from conftest import FIELDMAP, copy_testdata, make_dicom, run, run_process, tree_of
+
+# The subject folder each part of ../shared/testdata belongs in: <StudyDate>-<PatientName>.
+SUBJECTS = {
+    "enhanced/philips": "20180526-ROGERS_20180526",
+    "enhanced/siemens_xa10": "20181022-IRC-Slice-Timing",
+    "enhanced/siemens_xa30_fieldmap": "20220711-XAtest_sub-July11",
+    "ge/01_Ax_DWI_TENSOR_R2": "20200929-dicom",
+    "ge/6_CV_Neuro": "19700101-ANON2339",
+    "nonimage/mrs_siemens": "20260605-CR_test04",
+    "nonimage/physio_siemens/samplePhysioCMRR.dcm": "20191028-EmptyPatientName",
+    "nonimage/physio_siemens/samplePhysioCMRR_ecg.dcm": "20210423-EmptyPatientName",
+    "nonimage/raw_philips": "20210902-d2n_Philips_3T_R571",
+    "nonimage/sr_phoenix_siemens": "20220711-XAtest_sub-July11",
+    "philips": "20210902-d2n_Philips_3T_R571",
+    "siemens_fieldmap": "20210715-phantom",
+    "transfer_syntax": "20140310-stc_test",
+}
+
+
+def subject_of(rel: str) -> str:
+    matches = [key for key in SUBJECTS if rel == key or rel.startswith(key + "/")]
+    return SUBJECTS[max(matches, key=len)]
+
+
+def golden_tree(expected: dict, only: str = "") -> dict[str, str]:
+    """{path below dir_out: sha256} that sorting these files must give, from expected.json."""
+    folders: dict[str, set[int]] = defaultdict(set)
+    placed = []
+    for rel, fields in expected.items():
+        if not rel.startswith(only):
+            continue
+        description = fields["SeriesDescription"].replace(" ", "-") or "EmptySeriesDescription"
+        folder = f"{subject_of(rel)}/{fields['SeriesNumber']:03d}-{description}"
+        echo = fields["EchoNumbers"] or 1
+        folders[folder].add(echo)
+        placed.append((folder, fields["InstanceNumber"], echo, fields["sha256"]))
+    tree = {}
+    for folder, instance, echo, sha in placed:
+        suffix = f"_{echo:02d}" if echo > 1 or len(folders[folder]) > 1 else ""
+        tree[f"{folder}/{instance:04d}{suffix}.dcm"] = sha
+    return tree
+
+
+def journal_rows(out: Path) -> list[sqlite3.Row]:
+    db = sqlite3.connect(out / ".dumpwatch" / "journal.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM outcomes ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def assert_journal_agrees(out: Path) -> None:
+    """No move under way, and every sorted file in the tree has its 'sorted' row, once."""
+    rows = journal_rows(out)
+    assert not [dict(r) for r in rows if not r["done"]]
+    sorted_rows = [r["dest"] for r in rows if r["outcome"] == "sorted"]
+    assert len(sorted_rows) == len(set(sorted_rows))
+    on_disk = {str(out / rel) for rel in tree_of(out)}
+    assert set(sorted_rows) == on_disk
+
+
+def config(tmp_path: Path, **changes) -> Config:
+    return Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "quarantine", **changes)
+
+
+def test_every_real_file_sorts_to_its_place(dump, out, tmp_path, expected):
+    result = run("sort-once", str(dump), "--out", str(out), "--quarantine", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.output
+    assert tree_of(out) == golden_tree(expected)
+    assert not [p for p in dump.rglob("*") if p.is_file()], "files left in the dump"
+    assert not (tmp_path / "q").exists()
+    assert_journal_agrees(out)
+    assert result.output.splitlines()[0].startswith("403 files in ")
+    assert "  sorted          403  into " in result.output
+
+
+def test_fieldmap_echoes_and_philips_numbers(dump, out, tmp_path):
+    sort_dir(dump, config(tmp_path))
+    magnitude = sorted(os.listdir(out / "20210715-phantom" / "002-gre_field_magph"))
+    assert magnitude[:4] == ["0001_01.dcm", "0001_02.dcm", "0002_01.dcm", "0002_02.dcm"]
+    assert len(magnitude) == 72
+    phase = sorted(os.listdir(out / "20210715-phantom" / "003-gre_field_magph"))
+    assert phase[0] == "0001_02.dcm" and len(phase) == 36
+    philips = sorted(os.listdir(out / "20210902-d2n_Philips_3T_R571" / "2001-fcMRI-Field-Mapping"))
+    assert [name[:4] for name in philips] == [f"{n:04d}" for n in range(1, 213)]
+    for name in ("0001_01.dcm", "0001_02.dcm"):
+        ds = dcmread(out / "20210715-phantom" / "002-gre_field_magph" / name, stop_before_pixels=True)
+        assert (int(ds.InstanceNumber), int(ds.EchoNumbers)) == (1, int(name[5:7]))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_shuffled_arrival_gives_the_same_tree(tmp_path, testdata, expected, seed):
+    """Files arriving in any order and in any batches end in the same tree."""
+    pool = tmp_path / "pool"
+    files = copy_testdata(testdata, pool, "siemens_fieldmap") + copy_testdata(testdata, pool, "philips")
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    cfg = config(tmp_path)
+    while files:
+        take = rng.randint(1, 40)
+        batch, files = files[:take], files[take:]
+        arrival = tmp_path / f"arrival-{len(files)}"
+        for path in batch:
+            arrival.mkdir(exist_ok=True)
+            shutil.move(path, arrival / f"MR.{rng.getrandbits(64):x}")
+        summary = sort_dir(arrival, cfg)
+        assert summary.exit_code == 0
+    golden = golden_tree(expected, "siemens_fieldmap")
+    golden.update(golden_tree(expected, "philips"))
+    assert tree_of(tmp_path / "out") == golden
+    assert_journal_agrees(tmp_path / "out")
+
+
+def test_identical_resend_is_recognised_and_adds_nothing(dump, out, tmp_path, testdata):
+    sort_dir(dump, config(tmp_path))
+    before = tree_of(out)
+    again = tmp_path / "again"
+    copy_testdata(testdata, again)
+    summary = sort_dir(again, config(tmp_path))
+    assert summary.counts["duplicate"] == 403 and summary.exit_code == 0
+    assert tree_of(out) == before
+    assert not [p for p in again.rglob("*") if p.is_file()]  # re-sent copies removed from the dump
+    assert_journal_agrees(out)
+
+
+def test_changed_resend_is_kept_beside_never_over(tmp_path, template_file):
+    cfg = config(tmp_path)
+    uid = generate_uid()
+    first = make_dicom(tmp_path / "d1" / "a", template_file, SOPInstanceUID=uid, ImageComments="first")
+    original = first.read_bytes()
+    sort_dir(first.parent, cfg)
+    for number, comment in enumerate(["second", "third"]):
+        make_dicom(tmp_path / f"d{number + 2}" / "a", template_file, SOPInstanceUID=uid, ImageComments=comment)
+        assert sort_dir(tmp_path / f"d{number + 2}", cfg).counts["sorted"] == 1
+    folder = tmp_path / "out" / "20210715-phantom" / "002-gre_field_magph"
+    assert sorted(os.listdir(folder)) == ["0001.dcm", "0001A.dcm", "0001A2.dcm"]
+    assert (folder / "0001.dcm").read_bytes() == original
+    assert dcmread(folder / "0001A2.dcm").ImageComments == "third"
+
+
+def test_a_second_series_never_mixes_into_an_existing_folder(tmp_path, template_file):
+    """Same subject, series number and description, another SeriesInstanceUID: its own folder."""
+    cfg = config(tmp_path)
+    sessions = [generate_uid() for _ in range(3)]
+    for number, series in enumerate(sessions):
+        for instance in (1, 2):
+            make_dicom(tmp_path / f"s{number}" / f"{instance}", template_file,
+                       SeriesInstanceUID=series, InstanceNumber=instance)
+    for number in range(3):
+        sort_dir(tmp_path / f"s{number}", cfg)
+    # A late file of the second session finds its own folder again.
+    make_dicom(tmp_path / "late" / "x", template_file, SeriesInstanceUID=sessions[1], InstanceNumber=3)
+    sort_dir(tmp_path / "late", cfg)
+    subject = tmp_path / "out" / "20210715-phantom"
+    assert sorted(os.listdir(subject)) == ["002-gre_field_magph", "002-gre_field_magph_2", "002-gre_field_magph_3"]
+    for folder, series in zip(sorted(os.listdir(subject)), sessions, strict=True):
+        uids = {dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in (subject / folder).iterdir()}
+        assert uids == {series}
+    assert sorted(os.listdir(subject / "002-gre_field_magph_2")) == ["0001.dcm", "0002.dcm", "0003.dcm"]
+
+
+def test_running_twice_with_copy_adds_nothing_and_keeps_sources(dump, out, tmp_path, expected):
+    before = tree_of(dump)
+    assert sort_dir(dump, config(tmp_path), copy=True).exit_code == 0
+    assert tree_of(dump) == before
+    first = tree_of(out)
+    assert first == golden_tree(expected)
+    summary = sort_dir(dump, config(tmp_path), copy=True)
+    assert summary.counts["duplicate"] == 403
+    assert tree_of(out) == first and tree_of(dump) == before
+    for rel in first:  # copies, not hard links to the archive
+        assert os.stat(out / rel).st_nlink == 1
+
+
+def test_dry_run_changes_nothing(dump, out, tmp_path):
+    before = tree_of(dump)
+    result = run("sort-once", str(dump), "--out", str(out), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert tree_of(dump) == before
+    assert not out.exists() and not (tmp_path / "quarantine").exists()
+    lines = result.output.splitlines()
+    assert ("sorted      siemens_fieldmap/2_gre_field_magph/e2_01.dcm"
+            " -> 20210715-phantom/002-gre_field_magph/0001_02.dcm") in lines
+    assert "403 files in" in result.output and "dry run, nothing changed" in result.output
+
+
+def test_symlinks_are_never_followed(tmp_path, template_file):
+    outside = tmp_path / "outside"
+    target = make_dicom(outside / "precious.dcm", template_file)
+    make_dicom(outside / "folder" / "other.dcm", template_file)
+    content = target.read_bytes()
+    source = tmp_path / "dump"
+    source.mkdir()
+    (source / "link-to-file").symlink_to(target)
+    (source / "link-to-folder").symlink_to(outside / "folder")
+    make_dicom(source / "real.dcm", template_file)
+    result = run("sort-once", str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    assert target.read_bytes() == content and (outside / "folder" / "other.dcm").exists()
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    quarantined = tmp_path / "quarantine"
+    assert (quarantined / "link-to-file").is_symlink()  # the link itself, moved aside
+    assert (quarantined / "link-to-file.reason.txt").read_text().startswith("a symbolic link: not followed\n")
+    # A link to a folder is an entry of the dump too: moved aside, never walked.
+    assert (quarantined / "link-to-folder").is_symlink()
+    assert (quarantined / "link-to-folder.reason.txt").read_text().startswith("a symbolic link: not followed\n")
+    # With --copy the archive is left as it is: the link stays, unread.
+    (source / "link-2").symlink_to(target)
+    result = run("sort-once", str(source), "--out", str(tmp_path / "out2"), "--copy")
+    assert (source / "link-2").is_symlink() and target.read_bytes() == content
+    assert "left: " in result.output and "a symbolic link: not followed" in result.output
+
+
+def test_bad_files_are_quarantined_with_a_reason(tmp_path, testdata, template_file):
+    source = tmp_path / "dump"
+    good = make_dicom(source / "good", template_file)
+    data = (testdata / FIELDMAP / "e1_02.dcm").read_bytes()
+    (source / "truncated").write_bytes(data[: len(data) // 2])
+    old = os.path.getmtime(good) - 3600
+    os.utime(source / "truncated", (old, old))  # received an hour ago: no longer arriving
+    (source / "notes.txt").write_text("scan notes, not DICOM\n" * 20)
+    make_dicom(source / "no-uid", template_file, SOPInstanceUID=None)
+    result = run("sort-once", str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    q = tmp_path / "quarantine"
+    reasons = {p.name[: -len(".reason.txt")]: p.read_text().splitlines()[0] for p in q.glob("*.reason.txt")}
+    assert reasons == {
+        "truncated": f"truncated: element (0029,1020) declares 82200 bytes at byte 13532, "
+                     f"but the file ends at byte {len(data) // 2}",
+        "notes.txt": "not a DICOM file (no 'DICM' marker at byte 128)",
+        "no-uid": "no SOPInstanceUID (0008,0018)",
+    }
+    for name in reasons:
+        assert (q / name).is_file()
+    assert (q / "truncated").read_bytes() == data[: len(data) // 2]
+    assert "  quarantined       3" in result.output
+    assert "quarantined: " + str(source / "notes.txt") + ": not a DICOM file" in result.output
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+
+
+def test_a_file_still_arriving_is_left_not_quarantined(tmp_path, testdata):
+    source = tmp_path / "dump"
+    source.mkdir()
+    data = (testdata / FIELDMAP / "e1_02.dcm").read_bytes()
+    (source / "MR.arriving").write_bytes(data[:5000])
+    summary = sort_dir(source, config(tmp_path))
+    assert summary.counts["left"] == 1 and summary.exit_code == 3
+    assert summary.problems[0].detail.startswith("incomplete, may still be arriving: ")
+    assert (source / "MR.arriving").exists() and not (tmp_path / "quarantine").exists()
+
+
+def test_hostile_header_values_stay_inside_dir_out(tmp_path, template_file):
+    source = tmp_path / "dump"
+    hostile = ["../../../../etc/cron.d/x", "/", "/etc/passwd", "a\0b", "x" * 300, "..", ".", "-rf",
+               "$(reboot)", "\\..\\..\\", "é" * 200]
+    for number, value in enumerate(hostile):
+        make_dicom(source / f"f{number}", template_file, PatientName=value, SeriesDescription=value,
+                   StudyDate=value[:8] if value.isascii() else "20240101", InstanceNumber=number + 1)
+    before = set(os.listdir(tmp_path))
+    result = run("sort-once", str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert set(os.listdir(tmp_path)) == before | {"out"}
+    files = list(tree_of(tmp_path / "out"))
+    assert len(files) == len(hostile)
+    for rel in files:
+        parts = Path(rel).parts
+        assert len(parts) == 3
+        for part in parts:
+            assert part not in (".", "..") and not part.startswith((".", "-"))
+            assert len(part.encode()) <= 255 and "\0" not in part
+    assert not (Path("/etc/cron.d/x")).exists()
+
+
+def test_legacy_anon_fields_empty_every_occurrence_before_naming(tmp_path, template_file, testdata):
+    nested = Dataset()
+    nested.PatientName = "Nested^Secret"
+    nested.ReferencedSOPInstanceUID = generate_uid()
+    source = tmp_path / "dump"
+    marked = make_dicom(source / "named", template_file, PatientName="Secret^Name", PatientBirthDate="19800101",
+                        ReferencedImageSequence=Sequence([nested]))
+    untouched = make_dicom(source / "already-anonymous", template_file, PatientName="", PatientBirthDate="",
+                           InstanceNumber=2)
+    inode = os.stat(untouched).st_ino
+    pixels = dcmread(marked).PixelData
+    cfg_file = tmp_path / "DcmServer.cfg"
+    cfg_file.write_text(f"dir_dump = {source}\ndir_out = {tmp_path / 'out'}\nfname_log =\n"
+                        "anon_fields\n    0010,0010\n    0010,0030\n")
+    result = run("--config", str(cfg_file), "sort-once", str(source))
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "out" / "20210715-EmptyPatientName" / "002-gre_field_magph"
+    assert sorted(os.listdir(folder)) == ["0001.dcm", "0002.dcm"]
+    ds = dcmread(folder / "0001.dcm")
+    assert ds.PatientName == "" and ds.PatientBirthDate == ""
+    assert ds.ReferencedImageSequence[0].PatientName == ""
+    assert ds.PixelData == pixels
+    assert b"Secret" not in (folder / "0001.dcm").read_bytes()
+    assert os.stat(folder / "0002.dcm").st_ino == inode  # nothing to empty: moved, not rewritten
+
+
+def test_sorted_files_and_folders_get_the_configured_mode(tmp_path, template_file):
+    make_dicom(tmp_path / "dump" / "a", template_file)
+    sort_dir(tmp_path / "dump", config(tmp_path, file_mode=0o640, dir_mode=0o2750, group=os.getgid()))
+    placed = tmp_path / "out" / "20210715-phantom" / "002-gre_field_magph" / "0001.dcm"
+    assert stat.S_IMODE(os.stat(placed).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(placed.parent).st_mode) == 0o2750
+    assert stat.S_IMODE(os.stat(placed.parent.parent).st_mode) == 0o2750
+    assert os.stat(placed).st_gid == os.getgid()
+
+
+def test_dump_on_another_filesystem(tmp_path, testdata, expected):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than tmp_path")
+    source = Path(os.environ.get("TMPDIR_SHM", shm)) / f"dumpwatch-test-{os.getpid()}"
+    try:
+        copy_testdata(testdata, source, "siemens_fieldmap")
+        assert sort_dir(source, config(tmp_path)).exit_code == 0
+        assert tree_of(tmp_path / "out") == golden_tree(expected, "siemens_fieldmap")
+        assert not [p for p in source.rglob("*") if p.is_file()]
+        assert_journal_agrees(tmp_path / "out")
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        ([], 2, "Missing argument 'FOLDER'"),
+        (["/no/such/folder", "--out", "/tmp/x"], 2, "does not exist"),
+        (["{dump}"], 2, "no sorted tree: give --out DIR"),
+        (["{dump}", "--out", "{dump}/sorted"], 0, ""),
+        (["{dump}/siemens_fieldmap", "--out", "{dump}"], 2, "is inside the sorted tree"),
+    ],
+)
+def test_exit_codes(dump, tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DUMPWATCH_CONFIG", raising=False)
+    result = run_process("sort-once", *[a.format(dump=dump) for a in args])
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+
+
+def test_a_bad_configuration_exits_1(tmp_path, dump):
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("dir_out = out\nsort_order = name\n")
+    result = run_process("--config", str(cfg), "sort-once", str(dump))
+    assert result.returncode == 1
+    assert f"Error: {cfg}:2: sort_order: unknown key" in result.stderr
+
+
+def test_where_answers_what_happened_to_a_file(dump, out, tmp_path):
+    sort_dir(dump, config(tmp_path))
+    result = run("where", "e2_07.dcm", "--out", str(out))
+    assert result.exit_code == 0
+    assert "sorted  " + str(dump / FIELDMAP / "e2_07.dcm") in result.output
+    assert str(out / "20210715-phantom" / "002-gre_field_magph" / "0007_02.dcm") in result.output
+    sha = hashlib.sha256((out / "20210715-phantom" / "002-gre_field_magph" / "0007_02.dcm").read_bytes()).hexdigest()
+    assert run("where", sha, "--out", str(out)).output == result.output
+    assert run("where", "MR.nothing", "--out", str(out)).exit_code == 1
