@@ -1,0 +1,125 @@
+"""kill -9 at every step of the chain, then run again: nothing lost, nothing twice, nothing half."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import FIELDMAP, copy_testdata, run_process, tree_of
+
+MODES = {
+    "move": ([], ""),  # same filesystem: renamed into place
+    "anonymise": ([], "anon_fields\n    0010,0030\n    0008,0080\n"),  # rewritten: staged copy, then source removed
+    "copy": (["--copy"], ""),  # --copy: staged copy, source kept
+}
+
+# (failpoint, which hit kills): every step, early and in the middle of the run.
+CASES = [
+    ("read", 1), ("read", 40),
+    ("prepared", 1), ("prepared", 40),
+    ("journal-begun", 1), ("journal-begun", 3),
+    ("renamed", 1), ("renamed", 20),
+    ("placed", 1), ("placed", 37),
+    ("unlink-source", 1), ("unlink-source", 37),
+    ("sources-removed", 1), ("sources-removed", 3),
+    ("quarantine-reserved", 1), ("quarantine-reserved", 2),
+    ("quarantined", 1), ("quarantined", 2),
+]
+
+
+def make_inputs(folder: Path, testdata: Path) -> None:
+    """72 Siemens field map files (their echo-1 files get renamed) and two bad files."""
+    copy_testdata(testdata, folder, FIELDMAP)
+    data = (testdata / FIELDMAP / "e1_03.dcm").read_bytes()
+    cut = folder / "MR.truncated"
+    cut.write_bytes(data[:40_000])
+    os.utime(cut, (1e9, 1e9))  # long since received: quarantined, not waited for
+    (folder / "MR.notdicom").write_bytes(b"x" * 500)
+
+
+def setup(base: Path, testdata: Path, mode: str) -> tuple[Path, list[str]]:
+    extra_args, anon = MODES[mode]
+    base.mkdir()
+    cfg = base / "dumpwatch.cfg"
+    cfg.write_text(f"dir_out = out\ndir_quarantine = quarantine\nworkers = 1\n{anon}")
+    make_inputs(base / "dump", testdata)
+    return cfg, ["--config", str(cfg), "sort-once", str(base / "dump"), *extra_args]
+
+
+def state(base: Path) -> tuple[dict, dict]:
+    """The sorted tree, and the quarantine with each reason file's first line (the reason)."""
+    quarantine = tree_of(base / "quarantine")
+    for rel in quarantine:
+        if rel.endswith(".reason.txt"):
+            quarantine[rel] = (base / "quarantine" / rel).read_text().splitlines()[0]
+    return tree_of(base / "out"), quarantine
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, testdata) -> dict[str, tuple[dict, dict]]:
+    """The tree and quarantine an uninterrupted run gives, per mode."""
+    results = {}
+    for mode in MODES:
+        base = tmp_path_factory.mktemp("reference") / mode
+        _, args = setup(base, testdata, mode)
+        assert run_process(*args).returncode == 3
+        results[mode] = state(base)
+    return results
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("point, hit", CASES)
+def test_kill_anywhere_then_rerun(tmp_path, testdata, references, mode, point, hit):
+    if point == "unlink-source" and mode != "anonymise":
+        pytest.skip("only a rewritten file is placed before its source is removed")
+    base = tmp_path / mode
+    _, args = setup(base, testdata, mode)
+    inputs = tree_of(base / "dump")
+    crashed = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"{point}={hit}"})
+    assert crashed.returncode == -signal.SIGKILL, "the failpoint was not reached: " + crashed.stdout
+    rerun = run_process(*args)
+    assert rerun.returncode in (0, 3), rerun.stdout + rerun.stderr  # 3 if bad files were still there
+    assert state(base) == references[mode]
+    assert_clean(base, inputs if mode == "copy" else {})
+
+
+def test_kill_between_placing_and_removing_the_source(tmp_path, testdata, references):
+    """The rerun finishes the job: no second copy, no loss."""
+    base = tmp_path / "anonymise"
+    _, args = setup(base, testdata, "anonymise")
+    crashed = run_process(*args, env={"DUMPWATCH_FAILPOINTS": "unlink-source=1"})
+    assert crashed.returncode == -signal.SIGKILL
+    placed = tree_of(base / "out")
+    assert placed, "a file was placed before the kill"
+    assert len(tree_of(base / "dump")) == 74  # ... and its source is still in the dump
+    rerun = run_process(*args)
+    assert rerun.returncode == 3
+    assert state(base) == references["anonymise"]
+    assert not [name for name in tree_of(base / "out") if "A." in name]  # no "0001A.dcm" copies
+    assert_clean(base, {})
+
+
+def assert_clean(base: Path, dump_after: dict) -> None:
+    """Dump as expected, no staged or hidden files left, journal settled and true to the tree."""
+    assert tree_of(base / "dump") == dump_after
+    out = base / "out"
+    assert os.listdir(out / ".dumpwatch" / "tmp") == []
+    hidden = [p for p in out.rglob(".*") if ".dumpwatch" not in p.parts]
+    assert not hidden
+    db = sqlite3.connect(out / ".dumpwatch" / "journal.sqlite3")
+    try:
+        rows = db.execute("SELECT outcome, dest, done FROM outcomes").fetchall()
+    finally:
+        db.close()
+    assert all(done for _, _, done in rows), "moves still under way"
+    sorted_dests = [dest for outcome, dest, _ in rows if outcome == "sorted"]
+    assert sorted(sorted_dests) == sorted(str(out / rel) for rel in tree_of(out))
+    quarantined = {dest for outcome, dest, _ in rows if outcome == "quarantined"}  # a rerun may add a row
+    files = [rel for rel in tree_of(base / "quarantine") if not rel.endswith(".reason.txt")]
+    assert quarantined == {str(base / "quarantine" / rel) for rel in files}
+    reasons = [rel for rel in tree_of(base / "quarantine") if rel.endswith(".reason.txt")]
+    assert sorted(reasons) == sorted(rel + ".reason.txt" for rel in files)
