@@ -1,0 +1,80 @@
+"""Generate a benchmark corpus of MR files, the kind of dump a scanner leaves.
+
+Two headers to build from:
+  - "mr": pydicom's bundled MR example (73 elements), grown to a 256x256 image: about 130 KB
+    a file, the corpus the project's first figures use;
+  - "siemens": a real Siemens Prisma field map header from ../shared/testdata (132 elements
+    with large CSA headers), for a heavier read.
+
+Files are named as storescp names them (MR.<SOPInstanceUID>), spread over subjects and
+series, with every UID fresh and every InstanceNumber set.
+
+    python bench/corpus.py DIR --files 2000 [--header mr|siemens]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from pathlib import Path
+
+from pydicom import dcmread, examples
+from pydicom.uid import generate_uid
+
+TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
+SIEMENS = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph" / "e1_01.dcm"
+
+
+def template(kind: str):
+    if kind == "mr":
+        ds = examples.mr
+        ds.Rows = ds.Columns = 256
+        ds.PixelData = bytes(256 * 256 * 2)
+        return ds
+    return dcmread(SIEMENS)
+
+
+def make_corpus(folder: Path, files: int, kind: str = "mr", per_series: int = 200, seed: int = 7) -> list[Path]:
+    """Write `files` MR files into folder; returns their paths."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = template(kind)
+    pixels = bytearray(len(ds.PixelData))
+    paths = []
+    series_count = max(1, files // per_series)
+    for number in range(files):
+        series, instance = divmod(number, per_series)
+        if instance == 0:
+            subject = series * 3 // series_count
+            ds.PatientName = f"Subject^{subject:03d}"
+            ds.PatientID = f"sub-{subject:03d}"
+            ds.StudyDate = f"2026{1 + subject % 12:02d}{1 + series % 28:02d}"
+            ds.StudyInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+            ds.SeriesNumber = series + 1
+            ds.SeriesDescription = rng.choice(["t1 mprage sag", "ep2d bold rest", "gre field map", "dwi 64dir"])
+        ds.InstanceNumber = instance + 1
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        pixels[:16] = rng.randbytes(16)  # every file different
+        ds.PixelData = bytes(pixels)
+        path = folder / f"MR.{ds.SOPInstanceUID}"
+        ds.save_as(path, enforce_file_format=False)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--header", choices=["mr", "siemens"], default="mr")
+    args = parser.parse_args()
+    paths = make_corpus(args.folder, args.files, args.header)
+    size = sum(p.stat().st_size for p in paths)
+    print(f"{len(paths)} files, {size / len(paths) / 1000:.0f} KB each, in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
