@@ -60,15 +60,15 @@ class Journal:
 
     def __init__(self, path: Path, mode: int = 0o660):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not path.exists()
+        # The journal names patients' files: never world-readable. SQLite gives its -wal and
+        # -shm files the database file's mode, so the file is made first, with that mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode & 0o660))
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
-        if fresh:
-            os.chmod(path, mode & 0o660)  # the journal names patients' files: never world-readable
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,105 @@
+"""The journal answers by index, and the retry policy retries only what can heal."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from dumpwatch import pipeline
+from dumpwatch.journal import Entry, Journal
+
+
+def test_every_lookup_uses_an_index(tmp_path):
+    """At a million entries a full scan takes seconds; an index look-up takes microseconds
+    (bench/journal.py). So no branch of find() may scan the table."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        plan = journal.db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM outcomes WHERE id IN ("
+            " SELECT id FROM outcomes WHERE name = 'x'"
+            " UNION SELECT id FROM outcomes WHERE sop_uid = 'x'"
+            " UNION SELECT id FROM outcomes WHERE sha256 = 'x'"
+            " UNION SELECT id FROM outcomes WHERE dest = 'x'"
+            " UNION SELECT id FROM outcomes WHERE dest = 'y')"
+        ).fetchall()
+        details = [row["detail"] for row in plan]
+        assert not [d for d in details if d.startswith("SCAN outcomes")], details
+        for index in ("outcomes_name", "outcomes_sop_uid", "outcomes_sha256", "outcomes_dest"):
+            assert any(index in d for d in details), (index, details)
+        assert "SCAN" not in " ".join(r["detail"] for r in journal.db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM outcomes WHERE done = 0"))
+    finally:
+        journal.close()
+
+
+def test_find_by_name_uid_hash_and_path(tmp_path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        first = Entry("sorted", "/dump/MR.1.2.3", "1.2.3", "1.2", "ab" * 32, "/out/a/001/0001.dcm")
+        second = Entry("duplicate", "/dump/MR.1.2.3", "1.2.3", "1.2", "ab" * 32, "/out/a/001/0001.dcm")
+        other = Entry("quarantined", "/dump/MR.9", None, None, "cd" * 32, "/q/MR.9", "not a DICOM file")
+        journal.begin([first])
+        journal.finish([first])
+        journal.record([second, other])
+        for term in ("MR.1.2.3", "/dump/MR.1.2.3", "1.2.3", "AB" * 32, "/out/a/001/0001.dcm"):
+            assert [r["outcome"] for r in journal.find(term)] == ["sorted", "duplicate"], term
+        assert journal.find("MR.9")[0]["reason"] == "not a DICOM file"
+        assert journal.find("nothing") == []
+        assert journal.pending() == []
+    finally:
+        journal.close()
+
+
+def test_the_journal_is_not_world_readable(tmp_path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record([Entry("left", "/dump/MR.1", reason="disk full")])
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["journal.sqlite3", "journal.sqlite3-shm", "journal.sqlite3-wal"]
+    for file in files:
+        assert file.stat().st_mode & 0o007 == 0, file
+    journal.close()
+
+
+def test_transient_errors_are_retried_with_back_off(monkeypatch):
+    naps: list[float] = []
+    monkeypatch.setattr(pipeline, "retrying", pipeline.retrying.copy(sleep=naps.append))
+    outcomes = iter([OSError(errno.EBUSY, "busy"), OSError(errno.ESTALE, "stale"), "placed"])
+
+    def flaky() -> str:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert pipeline.retry_transient(flaky) == "placed"
+    assert len(naps) == 1 and naps[0] > 0  # the first try is plain, then tenacity waits
+
+
+def test_permanent_errors_are_not_retried(monkeypatch):
+    naps: list[float] = []
+    monkeypatch.setattr(pipeline, "retrying", pipeline.retrying.copy(sleep=naps.append))
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        pipeline.retry_transient(refused)
+    assert calls == [1] and naps == []
+
+
+def test_retries_stop_after_five_attempts(monkeypatch):
+    naps: list[float] = []
+    monkeypatch.setattr(pipeline, "retrying", pipeline.retrying.copy(sleep=naps.append))
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="I/O error"):
+        pipeline.retry_transient(broken)
+    assert len(calls) == 6  # the plain try, then five under the policy
+    assert naps == sorted(naps) and len(naps) == 4
