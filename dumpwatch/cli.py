@@ -14,7 +14,7 @@ import click
 from dumpwatch import __version__
 from dumpwatch.config import Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
-from dumpwatch.journal import Journal
+from dumpwatch.journal import Journal, printable
 from dumpwatch.pipeline import Outcome
 from dumpwatch.sortonce import EXIT_ERROR, sort_dir
 from dumpwatch.workers import quiet_pydicom
@@ -44,7 +44,8 @@ def setup_logging(cfg: Config, verbose: int) -> None:
     root.addHandler(stderr)
     if cfg.fname_log is not None:
         cfg.fname_log.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(cfg.fname_log)  # reopens after logrotate
+        # Reopens the file after logrotate moves it; odd bytes in file names become \xNN.
+        handler = logging.handlers.WatchedFileHandler(cfg.fname_log, errors="backslashreplace")
         handler.setLevel(logging.INFO)
         handler.setFormatter(form)
         handler.dumpwatch = True  # type: ignore[attr-defined]
@@ -123,13 +124,13 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
             bar.update(count)
 
     def explain(outcome: Outcome) -> None:
-        source = os.path.relpath(outcome.source, folder)
+        source = printable(os.path.relpath(outcome.source, folder))
         if outcome.outcome in ("sorted", "duplicate"):
             target = os.path.relpath(outcome.detail, out_dir)
             arrow = "->" if outcome.outcome == "sorted" else "=="
             click.echo(f"{outcome.outcome:<11} {source} {arrow} {target}")
         else:
-            click.echo(f"{outcome.outcome:<11} {source}: {outcome.detail}")
+            click.echo(f"{outcome.outcome:<11} {source}: {printable(outcome.detail)}")
 
     try:
         summary = sort_dir(folder, cfg, copy=copy, dry_run=dry_run, count_first=start, progress=advance,

@@ -35,6 +35,19 @@ CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
 """
 
 
+def printable(text: str) -> str:
+    """Text safe to store and print: a file name that is not UTF-8 keeps its odd bytes as \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _text(text: str | None) -> str | None:
+    return None if text is None else printable(text)
+
+
 def now() -> str:
     """UTC time to the millisecond, as the journal stores it."""
     moment = time.time()
@@ -93,9 +106,9 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(first + number, stamp, e.outcome, done, int(e.kept), e.source,
-                  os.path.basename(e.source) if e.source else None, e.sop_uid, e.series_uid, e.sha256,
-                  e.out_sha256, e.dest, e.reason) for number, e in enumerate(entries)],
+                [(first + number, stamp, e.outcome, done, int(e.kept), _text(e.source),
+                  _text(os.path.basename(e.source)) if e.source else None, e.sop_uid, e.series_uid, e.sha256,
+                  e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
             )
         for number, entry in enumerate(entries):
             entry.id = first + number
@@ -111,11 +124,11 @@ class Journal:
             # Rows that named a renamed file's old place now name the new one.
             db.executemany(
                 "UPDATE outcomes SET dest = ? WHERE dest = ? AND id != ?",
-                [(e.dest, e.source, e.id) for e in done if e.outcome == "renamed"],
+                [(_text(e.dest), _text(e.source), e.id) for e in done if e.outcome == "renamed"],
             )
             db.executemany(
                 "UPDATE outcomes SET done = 1, time = ?, outcome = 'left', dest = NULL, reason = ? WHERE id = ?",
-                [(stamp, e.reason, e.id) for e in undone],
+                [(stamp, _text(e.reason), e.id) for e in undone],
             )
 
     def forget(self, ids: Iterable[int]) -> None:
@@ -128,6 +141,7 @@ class Journal:
 
     def find(self, term: str, limit: int = 200) -> list[sqlite3.Row]:
         """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path."""
+        term = printable(term)
         name = os.path.basename(term.rstrip("/"))
         return self.db.execute(
             "SELECT * FROM outcomes WHERE id IN ("

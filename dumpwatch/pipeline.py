@@ -24,7 +24,7 @@ from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import AT_FDCWD, copy_range, move_noreplace, set_owner_mode, write_all, write_new
-from dumpwatch.journal import Entry, Journal, now
+from dumpwatch.journal import Entry, Journal, now, printable
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
 from dumpwatch.tree import Decision, Tree
 
@@ -451,8 +451,9 @@ class Sorter:
         try:
             if item.sha256 is None and stat.S_ISREG(os.lstat(item.source).st_mode):
                 item.sha256 = _sha256(item.source)
-            name, reason_fd = _quarantine_slot(qfd, os.path.basename(item.source.rstrip("/")) or "unnamed",
-                                               item.sha256)
+            # A dump name that is not UTF-8 keeps its odd bytes as \xNN: the journal can name it.
+            base = printable(os.path.basename(item.source.rstrip("/"))) or "unnamed"
+            name, reason_fd = _quarantine_slot(qfd, base, item.sha256)
             dest = str(qdir / name)
             entry = Entry("quarantined", item.source, item.sop_uid, sha256=item.sha256, dest=dest,
                           reason=item.reason, kept=self.copy)
@@ -464,7 +465,7 @@ class Sorter:
                 return Outcome(item.source, "quarantined", item.reason)
             self.journal.begin([entry])
             try:
-                text = (f"{item.reason}\nfile: {item.source}\nsha256: {item.sha256 or '-'}\n"
+                text = (f"{item.reason}\nfile: {printable(item.source)}\nsha256: {item.sha256 or '-'}\n"
                         f"quarantined: {now()} by dumpwatch\n")
                 write_all(reason_fd, text.encode("utf-8", "backslashreplace"))
                 os.fsync(reason_fd)

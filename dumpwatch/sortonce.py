@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumpwatch.config import Config
+from dumpwatch.journal import printable
 from dumpwatch.pipeline import Outcome, Sorter, chunked
 from dumpwatch.workers import Workers
 
@@ -84,12 +85,12 @@ class Summary:
         if self.counts["gone"]:
             lines.append(f"  {'vanished':<12}{self.counts['gone']:>7}  {verb} removed by something else while sorting")
         for problem in self.problems:
-            lines.append(f"    {problem.outcome}: {problem.source}: {problem.detail}")
+            lines.append(f"    {problem.outcome}: {printable(problem.source)}: {printable(problem.detail)}")
         hidden = self.counts["quarantined"] + self.counts["left"] - len(self.problems)
         if hidden > 0:
             lines.append(f"    ... and {hidden} more: see `dumpwatch where NAME` or the .reason.txt files")
         for folder in self.unreadable:
-            lines.append(f"  cannot list {folder}")
+            lines.append(f"  cannot list {printable(folder)}")
         return "\n".join(lines)
 
 

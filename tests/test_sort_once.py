@@ -381,3 +381,20 @@ def test_where_answers_what_happened_to_a_file(dump, out, tmp_path):
     sha = hashlib.sha256((out / "20210715-phantom" / "002-gre_field_magph" / "0007_02.dcm").read_bytes()).hexdigest()
     assert run("where", sha, "--out", str(out)).output == result.output
     assert run("where", "MR.nothing", "--out", str(out)).exit_code == 1
+
+
+def test_file_names_that_are_not_utf8(tmp_path, template_file):
+    """storescp names files from UIDs, but an old dump may hold any bytes in a name."""
+    source = tmp_path / "dump"
+    source.mkdir()
+    good = os.fsencode(source) + b"/MR.\xff\xfe.dcm"
+    shutil.copyfile(make_dicom(tmp_path / "t.dcm", template_file), good)
+    with open(os.fsencode(source) + b"/notes\xe9.txt", "wb") as bad:
+        bad.write(b"not DICOM " * 50)
+    result = run_process("sort-once", str(source), "--out", str(tmp_path / "out"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    assert sorted(os.listdir(tmp_path / "quarantine")) == ["notes\\xe9.txt", "notes\\xe9.txt.reason.txt"]
+    assert "quarantined: " + str(source) + "/notes\\xe9.txt: not a DICOM file" in result.stdout
+    where = run_process("where", "MR.\\xff\\xfe.dcm", "--out", str(tmp_path / "out"))
+    assert "sorted  " + str(source) + "/MR.\\xff\\xfe.dcm -> " in where.stdout
