@@ -141,7 +141,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         if bar is not None:
             bar.__exit__(None, None, None)
     click.echo(summary.render(cfg, dry_run))
-    sys.exit(summary.exit_code)
+    sys.exit(summary.exit_code)  # 0 all sorted, 3 some not, 1 error, 130 interrupted
 
 
 @cli.command("check-config")

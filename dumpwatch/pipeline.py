@@ -9,9 +9,12 @@ import io
 import itertools
 import logging
 import os
+import signal
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,7 +331,14 @@ class Sorter:
     # -- batches -------------------------------------------------------------------------
 
     def handle(self, results: Iterable[Prepared | Failed]) -> list[Outcome]:
-        """Place, quarantine or leave each prepared file; journal each outcome."""
+        """Place, quarantine or leave each prepared file; journal each outcome.
+
+        Ctrl-C and SIGTERM wait for the batch to end: a stop never needs recovery.
+        """
+        with signals_deferred():
+            return self._handle(results)
+
+    def _handle(self, results: Iterable[Prepared | Failed]) -> list[Outcome]:
         prepared, failed = [], []
         for result in results:
             (prepared if isinstance(result, Prepared) else failed).append(result)
@@ -563,6 +573,20 @@ class Sorter:
                     continue
                 if old or not pid.isdigit() or not _alive(int(pid)):
                     _remove(os.path.join(self.staging, entry.name))
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (in the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _settle(row) -> bool:

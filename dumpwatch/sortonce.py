@@ -7,6 +7,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_ALL = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_ALL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _SHOWN = 20  # problems listed one by one in the summary
 
 
@@ -52,6 +53,7 @@ class Summary:
     problems: list[Outcome] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    stopped: str = ""  # why the run ended before every file was handled
 
     def add(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -65,6 +67,8 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
+        if self.stopped:
+            return EXIT_INTERRUPTED if self.stopped == "interrupted" else EXIT_ERROR
         if self.counts["quarantined"] or self.counts["left"] or self.unreadable:
             return EXIT_NOT_ALL
         return EXIT_OK
@@ -91,6 +95,9 @@ class Summary:
             lines.append(f"    ... and {hidden} more: see `dumpwatch where NAME` or the .reason.txt files")
         for folder in self.unreadable:
             lines.append(f"  cannot list {printable(folder)}")
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}; the files not handled are still in place: "
+                         "run it again to finish")
         return "\n".join(lines)
 
 
@@ -116,13 +123,19 @@ def sort_dir(
         workers = cfg.worker_count if total >= 64 else 1
         size = max(1, min(64, total // (workers * 4) or 1))
         with Workers(sorter.job, workers) as pool:
-            for results in pool.run(chunked(walk(root, skip, summary.unreadable), size)):
-                outcomes = sorter.handle(results)
-                summary.add(outcomes)
-                if on_outcome:
-                    for outcome in outcomes:
-                        on_outcome(outcome)
-                if progress:
-                    progress(len(outcomes))
+            try:
+                for results in pool.run(chunked(walk(root, skip, summary.unreadable), size)):
+                    outcomes = sorter.handle(results)  # a whole batch, or none of it
+                    summary.add(outcomes)
+                    if on_outcome:
+                        for outcome in outcomes:
+                            on_outcome(outcome)
+                    if progress:
+                        progress(len(outcomes))
+            except KeyboardInterrupt:
+                summary.stopped = "interrupted"
+            except BrokenProcessPool:
+                summary.stopped = "a worker process died"
+                log.error("a worker process died; the files it had are still in place")
     summary.elapsed = time.perf_counter() - started
     return summary

@@ -123,3 +123,44 @@ def assert_clean(base: Path, dump_after: dict) -> None:
     assert quarantined == {str(base / "quarantine" / rel) for rel in files}
     reasons = [rel for rel in tree_of(base / "quarantine") if rel.endswith(".reason.txt")]
     assert sorted(reasons) == sorted(rel + ".reason.txt" for rel in files)
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_ctrl_c_stops_at_the_end_of_a_batch(tmp_path, testdata, references, sig):
+    """A stop signal in the middle of a batch waits for the batch: nothing to recover."""
+    base = tmp_path / "move"
+    _, args = setup(base, testdata, "move")
+    inputs = tree_of(base / "dump")
+    stopped = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"placed=10:{sig}"})
+    if sig == "INT":
+        assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+        assert "stopped early: interrupted; the files not handled are still in place" in stopped.stdout
+    else:
+        assert stopped.returncode == -signal.SIGTERM
+    db = sqlite3.connect(base / "out" / ".dumpwatch" / "journal.sqlite3")
+    try:
+        assert db.execute("SELECT count(*) FROM outcomes WHERE done = 0").fetchone()[0] == 0
+        sorted_rows = db.execute("SELECT count(*) FROM outcomes WHERE outcome = 'sorted'").fetchone()[0]
+    finally:
+        db.close()
+    placed = tree_of(base / "out")
+    assert len(placed) == sorted_rows >= 10  # the whole batch the signal came in, not one file less
+    assert len(placed) + len(tree_of(base / "dump")) + len(tree_of(base / "quarantine")) // 2 == len(inputs)
+    assert run_process(*args).returncode in (0, 3)
+    assert state(base) == references["move"]
+    assert_clean(base, {})
+
+
+def test_a_worker_killed_mid_run(tmp_path, testdata, references):
+    """A worker process killed (say, by the out-of-memory killer): the run says so and ends;
+    the files that worker held are still in the dump, and the next run sorts them."""
+    base = tmp_path / "move"
+    _, args = setup(base, testdata, "move")
+    (base / "dumpwatch.cfg").write_text("dir_out = out\ndir_quarantine = quarantine\nworkers = 2\n")
+    stopped = run_process(*args, env={"DUMPWATCH_FAILPOINTS": "read=20"})
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "stopped early: a worker process died; the files not handled are still in place" in stopped.stdout
+    assert tree_of(base / "dump"), "the killed worker's files are still there"
+    assert run_process(*args).returncode in (0, 3)
+    assert state(base) == references["move"]
+    assert_clean(base, {})
