@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from dumpwatch.config import Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.pipeline import Outcome
-from dumpwatch.sortonce import EXIT_ERROR, sort_dir
+from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")
@@ -102,7 +103,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
     if cfg.dir_out is None:
         raise click.UsageError("no sorted tree: give --out DIR or set dir_out in the configuration")
     out_dir = Path(os.path.abspath(cfg.dir_out))
-    if folder == out_dir or out_dir in folder.parents:
+    if folder == out_dir or out_dir in folder.parents or inside(folder, out_dir):
         raise click.UsageError(f"{folder} is inside the sorted tree {out_dir}; sort from outside it")
     try:
         check_layout(cfg)
@@ -137,6 +138,8 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
                            on_outcome=explain if dry_run else None)
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"the journal {cfg.journal_path} cannot be used: {exc}") from None
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

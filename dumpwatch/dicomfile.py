@@ -172,8 +172,14 @@ def _check_start(buffer, size: int) -> None:
 def _parse_header(stream: io.IOBase, size: int) -> tuple[Dataset, int]:
     try:
         ds = dcmread(stream, stop_before_pixels=True)
+        if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
+            # Deflate compresses the whole data set: no byte offset separates header and pixel
+            # data, so read all of it (a rewrite writes all of it).
+            stream.seek(0)
+            return dcmread(stream), size
     except Exception as exc:  # pydicom raises many kinds for a damaged header
-        if stream.tell() >= size - 8:
+        damaged_zlib = isinstance(exc, zlib.error) and "truncated" not in str(exc)
+        if stream.tell() >= size - 8 and not damaged_zlib:
             raise Incomplete(f"the file ends inside the header ({size} bytes)") from None
         raise Rejected(f"unreadable DICOM header: {_one_line(exc)}") from None
     return ds, stream.tell()

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from dumpwatch.errors import Rejected
 from dumpwatch.naming import is_safe_component
@@ -85,6 +86,25 @@ def make_dirs(root_fd: int, names: tuple[str, ...], mode: int, gid: int | None) 
         os.close(fd)
         raise
     return fd, created
+
+
+def make_folder(path: Path, mode: int, gid: int | None) -> None:
+    """mkdir -p, giving the folders it creates (only those) the mode and group."""
+    missing = []
+    folder = path
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            set_owner_mode(fd, mode, gid)
+        finally:
+            os.close(fd)
 
 
 _warned: set[str] = set()

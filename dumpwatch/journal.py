@@ -54,6 +54,17 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
 
 
+FIND_SQL = (
+    "SELECT * FROM outcomes WHERE id IN ("
+    " SELECT id FROM outcomes WHERE name = :name"
+    " UNION SELECT id FROM outcomes WHERE sop_uid = :term"
+    " UNION SELECT id FROM outcomes WHERE sha256 = :lower"
+    " UNION SELECT id FROM outcomes WHERE dest = :term"
+    " UNION SELECT id FROM outcomes WHERE dest = :absolute"
+    ") ORDER BY id LIMIT :limit"
+)
+
+
 @dataclass
 class Entry:
     outcome: str
@@ -75,7 +86,12 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The journal names patients' files: never world-readable. SQLite gives its -wal and
         # -shm files the database file's mode, so the file is made first, with that mode.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode & 0o660))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode & 0o660)
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, mode & 0o660)  # whatever the umask: the group writes it too
+        finally:
+            os.close(fd)
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -144,13 +160,7 @@ class Journal:
         term = printable(term)
         name = os.path.basename(term.rstrip("/"))
         return self.db.execute(
-            "SELECT * FROM outcomes WHERE id IN ("
-            " SELECT id FROM outcomes WHERE name = :name"
-            " UNION SELECT id FROM outcomes WHERE sop_uid = :term"
-            " UNION SELECT id FROM outcomes WHERE sha256 = :lower"
-            " UNION SELECT id FROM outcomes WHERE dest = :term"
-            " UNION SELECT id FROM outcomes WHERE dest = :absolute"
-            ") ORDER BY id LIMIT :limit",
+            FIND_SQL,
             {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term), "limit": limit},
         ).fetchall()
 

@@ -234,7 +234,7 @@ def echo_number(ds: Dataset) -> int | None:
         number = _as_int(_first(header_text(ds, "EchoNumbers")))
     except Exception:
         return None
-    return number if number and number > 0 else None
+    return number if number and 0 < number < 10_000 else None  # an echo, not a header's typo
 
 
 def _first(text: str | None) -> str | None:

@@ -26,7 +26,7 @@ from dumpwatch.anonymise import empty_fields
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
-from dumpwatch.fsops import AT_FDCWD, copy_range, move_noreplace, set_owner_mode, write_all, write_new
+from dumpwatch.fsops import AT_FDCWD, copy_range, make_folder, move_noreplace, set_owner_mode, write_all, write_new
 from dumpwatch.journal import Entry, Journal, now, printable
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
 from dumpwatch.tree import Decision, Tree
@@ -99,6 +99,8 @@ class Prepared:
     size: int  # of the bytes to place
     dev: int
     ino: int
+    source_size: int  # the source as read: moved only if it is still that file
+    mtime_ns: int
     sop_uid: str
     series_uid: str
     name: Name
@@ -157,6 +159,11 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
         return Failed(path, "quarantine", str(exc))
     except OSError as exc:
         return Failed(path, "left", os_reason(exc))
+    except Exception as exc:
+        # A file damaged in a way no reader expects (sequences nested thousands deep, a broken
+        # zlib stream): a reason for the quarantine, never a crash on every run.
+        log.warning("cannot read %s", path, exc_info=True)
+        return Failed(path, "quarantine", f"unreadable file: {type(exc).__name__}: {str(exc)[:150]}")
     try:
         failpoints.hit("read")
         return _prepare_read(dicom, job)
@@ -193,7 +200,7 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     changed = empty_fields(ds, job.anon_fields)  # before naming: a path never holds a removed value
     name = friendly_name(ds, job.template, job.reserved)
     prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
-                        dicom.st.st_ino, sop_uid, series_uid, name)
+                        dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name)
     if job.dry_run:
         if changed:
             header = _encode_header(dicom)
@@ -204,9 +211,10 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     else:
         # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk
         # yet, and must be before it has a name in the tree. The kernel writes dirty data back
-        # within its own deadline, so older files (an old dump) need no fsync. fdatasync comes
-        # before the mode change, which would make it commit the inode too.
-        if time.time() - dicom.st.st_mtime < WRITEBACK_SECONDS:
+        # within its own deadline, so older files (an old dump) need no fsync. Their age is
+        # their ctime, which no copy tool can set back (cp -a and rsync keep old mtimes).
+        # fdatasync comes before the mode change, which would make it commit the inode too.
+        if time.time() - dicom.st.st_ctime < WRITEBACK_SECONDS:
             os.fdatasync(dicom.fd)
         set_owner_mode(dicom.fd, job.file_mode, job.gid, dicom.st)
     failpoints.hit("prepared")
@@ -293,12 +301,13 @@ class Sorter:
         self.staging = state / "tmp"
         self.staging_fd = -1
         if not dry_run:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            os.chmod(state, 0o2770 if cfg.dir_mode & 0o2000 else 0o770)
+            # The journal and staged copies name patients' files: the group may read, no one else.
+            make_folder(self.staging, cfg.dir_mode & 0o2770, cfg.group)
             self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             journal_path = cfg.journal_path
             assert journal_path is not None
             self.journal = Journal(journal_path)
+        self.quarantine_id = _folder_id(str(cfg.quarantine_dir / "x")) if cfg.quarantine_dir else None
         self.job = Job(
             template=cfg.template,
             wanted=None if cfg.anon_fields else naming_tags(cfg.template),
@@ -391,20 +400,21 @@ class Sorter:
         failpoints.hit("journal-begun")
 
         placed: list[_Plan] = []
-        undone: list[Entry] = []
+        undone: list[tuple[_Plan, str, str]] = []  # (plan, outcome, reason)
         must_sync: set[tuple[str, ...]] = set()
         for plan in plans:
             item, decision = plan.item, plan.decision
-            source = (self.staging_fd, item.staged) if item.staged else (AT_FDCWD, item.source)
+            changed = _changed(item)
             try:
-                created = retry_transient(self.tree.apply, decision, source)
-            except (OSError, Rejected) as exc:
-                reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
-                log.error("left %s in place: cannot place it at %s: %s", item.source, plan.entry.dest, reason)
+                if changed:
+                    raise _NotPlaced(*changed)
+                created = self._apply(plan)
+            except (OSError, Rejected, _NotPlaced) as exc:
+                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc))
+                log.error("%s %s: not placed at %s: %s", outcome, item.source, plan.entry.dest, reason)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
-                plan.entry.reason = f"cannot place it: {reason}"
-                undone.append(plan.entry)
+                undone.append((plan, outcome, reason))
                 self.journal.forget([r.id for r in plan.renames if not os.path.lexists(r.dest or "")])
                 plan.renames = [r for r in plan.renames if os.path.lexists(r.dest or "")]
                 continue
@@ -416,25 +426,67 @@ class Sorter:
 
         if must_sync:  # copies must be durable before their sources go
             self.tree.sync(must_sync)
-        outcomes = []
+        outcomes, finished = [], []
         for plan in placed:
-            item = plan.item
-            if plan.decision.outcome == "duplicate" or plan.decision.already:
+            item, decision = plan.item, plan.decision
+            if decision.outcome == "duplicate" or decision.already:
                 self._unstage(item)  # its copy was not needed
-            if not self.copy and (item.staged or plan.decision.outcome == "duplicate" or plan.decision.already):
-                failpoints.hit("unlink-source")
-                try:
-                    os.unlink(item.source)
-                except FileNotFoundError:
-                    pass
-            outcomes.append(Outcome(item.source, plan.decision.outcome, plan.entry.dest or ""))
-            log.info("%s %s -> %s", plan.decision.outcome, item.source, plan.entry.dest)
+                if decision.outcome == "duplicate" and not _holds(plan.entry.dest, item.size):
+                    # Its twin in this batch was not placed after all: keep this one in the dump.
+                    undone.append((plan, "left", "the identical file it matched was not placed"))
+                    continue
+            if not self.copy:
+                if item.staged or decision.outcome == "duplicate" or decision.already:
+                    failpoints.hit("unlink-source")
+                    self._remove_source(item, decision)
+                if self.quarantine_id and _folder_id(item.source) == self.quarantine_id:
+                    _remove(item.source + ".reason.txt")  # sorted out of the quarantine: its reason is moot
+            outcomes.append(Outcome(item.source, decision.outcome, plan.entry.dest or ""))
+            finished.append(plan.entry)
+            log.info("%s %s -> %s", decision.outcome, item.source, plan.entry.dest)
         failpoints.hit("sources-removed")
-        finished = [e for p in plans for e in p.renames]  # those not carried out were forgotten above
-        finished += [p.entry for p in placed]
-        self.journal.finish(finished, undone)
-        outcomes += [Outcome(e.source or "", "left", e.reason or "") for e in undone]
+        finished += [e for p in plans for e in p.renames]  # those not carried out were forgotten above
+        gone = [plan.entry.id for plan, outcome, _ in undone if outcome == "gone"]
+        left = []
+        for plan, outcome, reason in undone:
+            outcomes.append(Outcome(plan.item.source, outcome, reason))
+            if outcome != "gone":
+                plan.entry.reason = reason
+                left.append(plan.entry)
+        self.journal.finish(finished, left)
+        self.journal.forget(gone)
         return outcomes
+
+    def _apply(self, plan: _Plan) -> list[tuple[str, ...]]:
+        """Place one file; if the dump and the tree turn out to be two mounts, as a copy."""
+        item = plan.item
+        source = (self.staging_fd, item.staged) if item.staged else (AT_FDCWD, item.source)
+        try:
+            return retry_transient(self.tree.apply, plan.decision, source)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or item.staged:
+                raise
+        # Two bind mounts of one filesystem share a device number, yet rename between them
+        # fails: copy the file into the staging folder (fsynced), and place the copy.
+        name = f"{os.getpid()}-{next(_counter)}.part"
+        fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            write_new(self.staging_fd, name, lambda out: copy_range(fd, out, 0, size),
+                      self.cfg.file_mode, self.cfg.group)
+        finally:
+            os.close(fd)
+        item.staged = name
+        return retry_transient(self.tree.apply, plan.decision, (self.staging_fd, name))
+
+    def _remove_source(self, item: Prepared, decision: Decision) -> None:
+        """Remove a source that is now in the tree (or was a duplicate of a file there)."""
+        try:
+            if decision.already and os.lstat(item.source).st_nlink < 2:
+                return  # the tree's own file, reached by another path: nothing to remove
+            os.unlink(item.source)
+        except FileNotFoundError:
+            pass
 
     def _unstage(self, item: Prepared) -> None:
         if item.staged and self.staging_fd >= 0:
@@ -454,46 +506,54 @@ class Sorter:
             return Outcome(item.source, "quarantined", item.reason)
         assert self.journal is not None
         try:
-            qdir.mkdir(parents=True, exist_ok=True)
+            st = os.lstat(item.source)
+        except FileNotFoundError:
+            return Outcome(item.source, "gone", "vanished before it could be quarantined")
+        except OSError as exc:
+            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+        try:
+            make_folder(qdir, self.cfg.dir_mode, self.cfg.group)
             qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
         try:
-            if item.sha256 is None and stat.S_ISREG(os.lstat(item.source).st_mode):
+            if item.sha256 is None and stat.S_ISREG(st.st_mode):
                 item.sha256 = _sha256(item.source)
-            # A dump name that is not UTF-8 keeps its odd bytes as \xNN: the journal can name it.
-            base = printable(os.path.basename(item.source.rstrip("/"))) or "unnamed"
-            name, reason_fd = _quarantine_slot(qfd, base, item.sha256)
+            name, reason_fd = _quarantine_slot(qfd, _quarantine_base(item.source), item.sha256, st)
+            failpoints.hit("quarantine-slot")
             dest = str(qdir / name)
             entry = Entry("quarantined", item.source, item.sop_uid, sha256=item.sha256, dest=dest,
                           reason=item.reason, kept=self.copy)
-            if reason_fd < 0:  # the same bytes are in the quarantine already
+            if reason_fd == _HERE:  # sort-once over the quarantine: a rejected file stays where it is
+                self.journal.record([entry])
+                return Outcome(item.source, "quarantined", f"{item.reason} (stays in the quarantine)")
+            if reason_fd == _SAME_BYTES:
                 if not self.copy:
                     os.unlink(item.source)
                 self.journal.record([entry])
                 log.warning("%s is already quarantined as %s: %s", item.source, dest, item.reason)
                 return Outcome(item.source, "quarantined", item.reason)
-            self.journal.begin([entry])
             try:
+                self.journal.begin([entry])
+                failpoints.hit("quarantine-reserved")
                 text = (f"{item.reason}\nfile: {printable(item.source)}\nsha256: {item.sha256 or '-'}\n"
                         f"quarantined: {now()} by dumpwatch\n")
                 write_all(reason_fd, text.encode("utf-8", "backslashreplace"))
                 os.fsync(reason_fd)
-            finally:
-                os.close(reason_fd)
-            failpoints.hit("quarantine-reserved")
-            try:
                 self._move_to_quarantine(item.source, qfd, name)
                 failpoints.hit("quarantined")
             except OSError as exc:
-                try:
-                    os.unlink(name + ".reason.txt", dir_fd=qfd)
-                except OSError:
-                    pass
+                _remove_at(qfd, name + ".reason.txt")
                 entry.reason = f"cannot quarantine it ({item.reason}): {os_reason(exc)}"
-                self.journal.finish([], [entry])
+                if entry.id is not None:
+                    self.journal.finish([], [entry])
+                else:
+                    self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256,
+                                               reason=entry.reason)])
                 log.error("left %s in place: %s", item.source, entry.reason)
                 return Outcome(item.source, "left", entry.reason)
+            finally:
+                os.close(reason_fd)
             self.journal.finish([entry])
         except OSError as exc:
             return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
@@ -589,6 +649,42 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+class _NotPlaced(Exception):
+    """(outcome, reason) for a file that must not be placed now."""
+
+
+def _reason(exc: BaseException) -> str:
+    return f"cannot place it: {os_reason(exc) if isinstance(exc, OSError) else exc}"
+
+
+def _changed(item: Prepared) -> tuple[str, str] | None:
+    """If the source is not the file that was read any more: (outcome, reason)."""
+    try:
+        st = os.lstat(item.source)
+    except FileNotFoundError:
+        return "gone", "vanished while it was being sorted"
+    except OSError as exc:
+        return "left", os_reason(exc)
+    if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.source_size, item.mtime_ns):
+        return "left", "changed while it was being sorted: it will be read again"
+    return None
+
+
+def _holds(path: str | None, size: int) -> bool:
+    try:
+        return path is not None and os.lstat(path).st_size == size
+    except OSError:
+        return False
+
+
+def _folder_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _settle(row) -> bool:
     """Finish the move a journal row describes, if it got far enough; True if it did."""
     source, dest = row["source"], row["dest"]
@@ -646,28 +742,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _quarantine_slot(qfd: int, base: str, sha256: str | None) -> tuple[str, int]:
-    """A free name in the quarantine, reserved by creating its reason file (name, fd).
+_HERE, _SAME_BYTES = -2, -1
+_QUARANTINE_NAME_MAX = 255 - len(".reason.txt") - len(".999999")
 
-    If a file there already holds these very bytes, returns its name and -1 instead.
+
+def _quarantine_base(source: str) -> str:
+    """The file's own name, readable (odd bytes as \\xNN) and short enough for ".N.reason.txt"."""
+    base = printable(os.path.basename(source.rstrip("/"))) or "unnamed"
+    encoded = base.encode("utf-8")
+    if len(encoded) > _QUARANTINE_NAME_MAX:
+        base = encoded[:_QUARANTINE_NAME_MAX].decode("utf-8", "ignore")
+    return base
+
+
+def _quarantine_slot(qfd: int, base: str, sha256: str | None, st: os.stat_result) -> tuple[str, int]:
+    """A name in the quarantine and its reason file, opened for writing: (name, fd).
+
+    Instead of an fd: _HERE if the file is in the quarantine already (sort-once run over
+    it), _SAME_BYTES if another file there holds the same bytes. Quarantining runs under
+    the tree lock, so a reason file without its file is a leftover of a kill: reused.
     """
     for number in range(0, 1_000_000):
         name = base if number == 0 else f"{base}.{number}"
         try:
-            os.stat(name, dir_fd=qfd, follow_symlinks=False)
+            there = os.stat(name, dir_fd=qfd, follow_symlinks=False)
         except FileNotFoundError:
-            pass
-        else:
-            if sha256 is not None and _sha256(name, qfd) == sha256:
-                return name, -1
-            continue
-        try:
-            fd = os.open(name + ".reason.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640,
-                         dir_fd=qfd)
-        except FileExistsError:
-            continue  # being reserved right now, or left by a kill: not ours
-        return name, fd
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            return name, os.open(name + ".reason.txt", flags, 0o640, dir_fd=qfd)
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return name, _HERE
+        if sha256 is not None and there.st_size == st.st_size and _sha256(name, qfd) == sha256:
+            return name, _SAME_BYTES
     raise OSError(errno.ENOSPC, "no free name in the quarantine")
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def _reserved_names(cfg: Config) -> frozenset[str]:

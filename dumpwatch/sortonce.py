@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,12 +23,33 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_ALL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 _SHOWN = 20  # problems listed one by one in the summary
 
 
-def walk(root: Path, skip: set[str], unreadable: list[str]) -> Iterator[str]:
+def folder_id(path: Path | str | None) -> tuple[int, int] | None:
+    """(device, inode) of a folder: the same folder reached by a symlink or a bind mount is
+    the same folder."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """True if path is folder or below it, however either is reached."""
+    target = folder_id(folder)
+    if target is None:
+        return False
+    return any(folder_id(p) == target for p in (path, *path.parents))
+
+
+def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, int] | None = None) -> Iterator[str]:
     """Every entry below root that is not a folder, in name order. Symlinks are listed as
-    entries and never followed; folders in `skip` (absolute paths) are not entered."""
+    entries and never followed; folders in `skip` (by (device, inode), or by absolute path
+    for those made while walking) are not entered; in the quarantine folder, the reason
+    files beside the files are not entries of their own."""
     stack = [str(root)]
     while stack:
         folder = stack.pop()
+        reasons_here = quarantine is not None and folder_id(folder) == quarantine
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
@@ -38,9 +60,10 @@ def walk(root: Path, skip: set[str], unreadable: list[str]) -> Iterator[str]:
         folders = []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                if os.path.abspath(entry.path) not in skip:
+                st = entry.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino) not in skip and os.path.abspath(entry.path) not in skip:
                     folders.append(entry.path)
-            else:
+            elif not (reasons_here and entry.name.endswith(".reason.txt")):
                 yield entry.path
         stack.extend(reversed(folders))
 
@@ -114,17 +137,19 @@ def sort_dir(
     """Sort every file below root into cfg.dir_out. Never follows a symlink."""
     summary = Summary()
     started = time.perf_counter()
-    skip = {os.path.abspath(p) for p in (cfg.dir_out, cfg.quarantine_dir) if p is not None}
     with Sorter(cfg, copy=copy, dry_run=dry_run) as sorter:
+        quarantine = folder_id(cfg.quarantine_dir)
+        skip: set = {i for i in (folder_id(cfg.dir_out), quarantine) if i is not None}
+        skip |= {os.path.abspath(p) for p in (cfg.dir_out, cfg.quarantine_dir) if p is not None}
         sorter.recover()
-        total = sum(1 for _ in walk(root, skip, []))
+        total = sum(1 for _ in walk(root, skip, [], quarantine))
         if count_first:
             count_first(total)
         workers = cfg.worker_count if total >= 64 else 1
         size = max(1, min(64, total // (workers * 4) or 1))
         with Workers(sorter.job, workers) as pool:
             try:
-                for results in pool.run(chunked(walk(root, skip, summary.unreadable), size)):
+                for results in pool.run(chunked(walk(root, skip, summary.unreadable, quarantine), size)):
                     outcomes = sorter.handle(results)  # a whole batch, or none of it
                     summary.add(outcomes)
                     if on_outcome:
@@ -137,5 +162,8 @@ def sort_dir(
             except BrokenProcessPool:
                 summary.stopped = "a worker process died"
                 log.error("a worker process died; the files it had are still in place")
+            except sqlite3.Error as exc:  # a full disk, say: no file moves without its journal row
+                summary.stopped = f"the journal cannot be written ({exc})"
+                log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
     summary.elapsed = time.perf_counter() - started
     return summary

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dumpwatch import failpoints
-from dumpwatch.fsops import make_dirs, move_noreplace, open_dir
+from dumpwatch.fsops import TreeBlocked, make_dirs, make_folder, move_noreplace, open_dir, set_owner_mode
 from dumpwatch.naming import Name, is_safe_component
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Tree:
         self.suffix = "." + extension
         self.dir_mode, self.gid, self.dry_run = dir_mode, gid, dry_run
         if not dry_run:
-            root.mkdir(parents=True, exist_ok=True)
+            make_folder(root, dir_mode, gid)
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if root.is_dir() else -1
         self.device = os.fstat(self.root_fd).st_dev if self.root_fd >= 0 else -1
         self.folders: dict[tuple[str, ...], Folder] = {}
@@ -69,8 +69,9 @@ class Tree:
         self.lock_fd = -1
         self.token = b""
         if lock_path is not None and not dry_run:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(lock_path.parent, dir_mode & 0o2770, gid)
             self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            set_owner_mode(self.lock_fd, 0o660, gid)  # every writer of the tree takes this lock
         self._batches = 0
 
     def close(self) -> None:
@@ -278,11 +279,15 @@ class Tree:
         """
         for name in decision.rel:
             if not is_safe_component(name):
-                raise OSError(f"refusing unsafe name {name!r}")
+                raise TreeBlocked(f"refusing the unsafe name {name!r}")
+        if decision.outcome == "duplicate" and not decision.renames:
+            return []  # nothing to place
         fd, created = make_dirs(self.root_fd, decision.folder.rel, self.dir_mode, self.gid)
         try:
-            for old, new in decision.renames:
+            while decision.renames:  # each one done is dropped: a retry does not redo it
+                old, new = decision.renames[0]
                 move_noreplace(fd, decision.folder.disk.pop(new, old), fd, new, self.device)
+                decision.renames.pop(0)
                 failpoints.hit("renamed")
                 log.info("renamed %s -> %s: the series has several echoes", self.path((*decision.folder.rel, old)), new)
             if decision.outcome == "sorted" and not decision.already:

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import keyword_dict
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,19 +92,24 @@ def tree_of(root: Path) -> dict[str, str]:
 def make_dicom(path: Path, template: Path, **fields: object) -> Path:
     """Write a DICOM file: a real scanner file with some header fields changed.
 
-    SOPInstanceUID is new unless given; a field set to None is deleted.
+    SOPInstanceUID is new unless given; a field set to None is deleted. Values are written
+    as given, valid for their VR or not (a scanner's header may hold anything).
     """
     ds = dcmread(template)
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword, value in fields.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=False)
+    with pydicom_config.disable_value_validation():
+        for keyword, value in fields.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            elif keyword in ("EchoNumbers", "InstanceNumber", "SeriesNumber") and isinstance(value, str):
+                ds[keyword] = RawDataElement(BaseTag(keyword_dict[keyword]), "IS", len(value),
+                                             value.encode(), 0, False, True)
+            else:
+                setattr(ds, keyword, value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=False)
     return path
 
 

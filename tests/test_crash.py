@@ -26,6 +26,7 @@ CASES = [
     ("placed", 1), ("placed", 37),
     ("unlink-source", 1), ("unlink-source", 37),
     ("sources-removed", 1), ("sources-removed", 3),
+    ("quarantine-slot", 1), ("quarantine-slot", 2),
     ("quarantine-reserved", 1), ("quarantine-reserved", 2),
     ("quarantined", 1), ("quarantined", 2),
 ]

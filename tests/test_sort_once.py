@@ -8,6 +8,9 @@ import random
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -398,3 +401,238 @@ def test_file_names_that_are_not_utf8(tmp_path, template_file):
     assert "quarantined: " + str(source) + "/notes\\xe9.txt: not a DICOM file" in result.stdout
     where = run_process("where", "MR.\\xff\\xfe.dcm", "--out", str(tmp_path / "out"))
     assert "sorted  " + str(source) + "/MR.\\xff\\xfe.dcm -> " in where.stdout
+
+
+def test_sorting_the_quarantine_deletes_nothing(tmp_path, template_file):
+    """'sort-once quarantine' retries the rejects: what now sorts leaves, the rest stays."""
+    source = tmp_path / "dump"
+    make_dicom(source / "no-uid", template_file, SOPInstanceUID=None)
+    (source / "notes.txt").write_text("scan notes " * 20)
+    assert run("sort-once", str(source), "--out", str(tmp_path / "out")).exit_code == 3
+    quarantine = tmp_path / "quarantine"
+    # A file quarantined earlier for a reason since mended (here: put there by hand).
+    make_dicom(quarantine / "MR.mended", template_file)
+    (quarantine / "MR.mended.reason.txt").write_text("cannot place it: Permission denied\n")
+    before = tree_of(quarantine)
+    for _ in range(2):
+        result = run("sort-once", str(quarantine), "--out", str(tmp_path / "out"))
+        assert result.exit_code == 3, result.output
+    after = tree_of(quarantine)
+    assert sorted(after) == ["no-uid", "no-uid.reason.txt", "notes.txt", "notes.txt.reason.txt"]
+    assert {k: before[k] for k in after} == after  # the rejects and their reasons, untouched
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    assert "(stays in the quarantine)" in result.output
+
+
+def test_the_tree_reached_by_another_path_is_never_sorted_into_itself(tmp_path, template_file):
+    real = tmp_path / "real"
+    make_dicom(real / "incoming" / "a.dcm", template_file)
+    (tmp_path / "link").symlink_to(real)
+    out = real / "incoming" / "sorted"
+    result = run("sort-once", str(tmp_path / "link" / "incoming"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    first = tree_of(out)
+    assert list(first) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    # Again, now that the tree is inside the folder, and reached through the link.
+    result = run("sort-once", str(tmp_path / "link" / "incoming"), "--out", str(out))
+    assert result.exit_code == 0 and "0 files in" in result.output
+    assert tree_of(out) == first
+    result = run("sort-once", str(tmp_path / "link" / "incoming" / "sorted"), "--out", str(out))
+    assert result.exit_code == 2 and "is inside the sorted tree" in result.output
+    assert tree_of(out) == first
+
+
+def test_anonymising_a_deflated_file_keeps_its_pixels(tmp_path, template_file):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    source = tmp_path / "dump"
+    ds = dcmread(template_file)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    source.mkdir()
+    ds.save_as(source / "deflated.dcm", enforce_file_format=True)
+    cfg = config(tmp_path, anon_fields=(0x00100010,))
+    assert sort_dir(source, cfg).exit_code == 0
+    placed = tmp_path / "out" / "20210715-EmptyPatientName" / "002-gre_field_magph" / "0001.dcm"
+    out = dcmread(placed)
+    assert out.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert out.PatientName == "" and out.PixelData == ds.PixelData
+    assert not (source / "deflated.dcm").exists()
+
+
+def test_files_no_reader_expects_are_quarantined_not_a_crash(tmp_path, template_file):
+    """Sequences nested 600 deep; a deflated data set that is not zlib at all."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    source = tmp_path / "dump"
+    make_dicom(source / "good.dcm", template_file)
+    head = (source / "good.dcm").read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(head[140:144], "little")
+    item, end = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    sequence, close = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    deep = (sequence + item) * 600 + (end + close) * 600
+    (source / "deep.dcm").write_bytes(head[:meta_end] + deep)
+    ds = dcmread(template_file)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+    data = (tmp_path / "d.dcm").read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    (source / "bad-zlib.dcm").write_bytes(data[:meta_end] + b"this is not a zlib stream" * 100)
+    for number in range(2):  # and again: no crash loop
+        result = run_process("sort-once", str(source), "--out", str(tmp_path / "out"))
+        assert result.returncode == (3 if number == 0 else 0), result.stdout + result.stderr
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    reasons = {p.name: p.read_text().splitlines()[0] for p in (tmp_path / "quarantine").glob("*.reason.txt")}
+    assert reasons["deep.dcm.reason.txt"].startswith(("unreadable file: RecursionError", "unreadable DICOM header"))
+    assert reasons["bad-zlib.dcm.reason.txt"].startswith("unreadable DICOM header")
+
+
+def test_hostile_numbers_and_long_dump_names(tmp_path, template_file):
+    source = tmp_path / "dump"
+    for number, (echo, instance) in enumerate([("1e250", "9" * 300), ("-5", "-3"), ("abc", "x"), ("2", "1e3")]):
+        make_dicom(source / f"f{number}", template_file, EchoNumbers=echo, InstanceNumber=instance)
+    long_name = "MR." + "1.2.840.10008" * 20  # 263 bytes: too long for name + ".reason.txt"
+    (source / long_name[:250]).write_text("not DICOM " * 30)
+    result = run("sort-once", str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    names = sorted(Path(rel).name for rel in tree_of(tmp_path / "out"))
+    assert len(names) == 4 and all(len(n.encode()) <= 255 for n in names)
+    assert "1000_02.dcm" in names  # "1e3" is a number; echo 2 is an echo
+    quarantined = list((tmp_path / "quarantine").iterdir())
+    assert len(quarantined) == 2 and all(len(p.name.encode()) <= 255 for p in quarantined)
+
+
+def test_a_duplicate_of_a_file_that_could_not_be_placed_stays(tmp_path, template_file):
+    """Two identical files in one batch: if the first is not placed, the second is kept."""
+    from dumpwatch.pipeline import Prepared, Sorter, prepare
+
+    source = tmp_path / "dump"
+    first = make_dicom(source / "a", template_file)
+    second = source / "b"
+    shutil.copyfile(first, second)
+    with Sorter(config(tmp_path)) as sorter:
+        results = [prepare(str(p), sorter.job) for p in (first, second)]
+        assert all(isinstance(r, Prepared) for r in results)
+        first.unlink()  # gone between reading and placing
+        outcomes = sorter.handle(results)
+    assert [(o.outcome, o.detail) for o in outcomes] == [
+        ("gone", "vanished while it was being sorted"),
+        ("left", "the identical file it matched was not placed"),
+    ]
+    assert second.exists() and not (tmp_path / "out" / "20210715-phantom").exists()
+    rows = [(r["outcome"], r["done"]) for r in journal_rows(tmp_path / "out")]
+    assert rows == [("left", 1)]
+
+
+def test_a_file_changed_after_it_was_read_is_read_again(tmp_path, template_file):
+    from dumpwatch.pipeline import Sorter, prepare
+
+    source = make_dicom(tmp_path / "dump" / "MR.1", template_file)
+    with Sorter(config(tmp_path)) as sorter:
+        result = prepare(str(source), sorter.job)
+        make_dicom(tmp_path / "other", template_file, InstanceNumber=9)
+        os.replace(tmp_path / "other", source)  # storescp overwrote a re-sent instance
+        outcomes = sorter.handle([result])
+    assert outcomes[0].outcome == "left" and "changed while it was being sorted" in outcomes[0].detail
+    assert sort_dir(tmp_path / "dump", config(tmp_path)).exit_code == 0
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0009.dcm"]
+
+
+def _mount_bind(source: Path, target: Path) -> bool:
+    target.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode == 0
+
+
+def test_dump_and_tree_on_two_bind_mounts_of_one_filesystem(tmp_path, template_file):
+    """Docker volumes: one device number, yet rename between them fails (EXDEV)."""
+    disk = tmp_path / "disk"
+    make_dicom(disk / "dump" / "MR.1", template_file)
+    (disk / "sorted").mkdir()
+    if not _mount_bind(disk / "dump", tmp_path / "mnt-dump"):
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        if not _mount_bind(disk / "sorted", tmp_path / "mnt-sorted"):
+            pytest.skip("cannot bind-mount here (needs root)")
+        try:
+            assert os.stat(tmp_path / "mnt-dump").st_dev == os.stat(tmp_path / "mnt-sorted").st_dev
+            result = run("sort-once", str(tmp_path / "mnt-dump"), "--out", str(tmp_path / "mnt-sorted"),
+                         "--quarantine", str(tmp_path / "q"))
+            assert result.exit_code == 0, result.output
+            assert list(tree_of(disk / "sorted")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+            assert not (disk / "dump" / "MR.1").exists()
+            assert os.listdir(disk / "sorted" / ".dumpwatch" / "tmp") == []
+        finally:
+            subprocess.run(["umount", str(tmp_path / "mnt-sorted")], check=True)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt-dump")], check=True)
+
+
+def test_a_group_member_sorts_into_a_tree_another_user_made(tmp_path, template_file):
+    """Sites share the tree in a group (umask 002): a second user must be able to sort into it."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as two users")
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid)
+    base = Path(tempfile.mkdtemp(prefix="dumpwatch-shared-"))  # tmp_path is root's alone
+    try:
+        os.chmod(base, 0o755)
+        out = base / "sorted"
+        cfg = base / "dumpwatch.cfg"
+        cfg.write_text(f"dir_out = sorted\ndir_quarantine = quarantine\ngroup = {group.gr_name}\n")
+        make_dicom(base / "dump-root" / "MR.1", template_file)
+        assert run_process("--config", str(cfg), "sort-once", str(base / "dump-root")).returncode == 0
+        state = out / ".dumpwatch"
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o2770 and os.stat(state).st_gid == group.gr_gid
+        for name in ("journal.sqlite3", "tree.lock"):
+            assert stat.S_IMODE(os.stat(state / name).st_mode) == 0o660, name
+        theirs = base / "dump-nobody"
+        make_dicom(theirs / "MR.2", template_file, InstanceNumber=2)
+        for path in (theirs, theirs / "MR.2", base / "quarantine"):
+            if path.exists():
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+        def become_nobody() -> None:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+
+        result = subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "sort-once", str(theirs)],
+                                capture_output=True, text=True, preexec_fn=become_nobody, cwd=base,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert sorted(tree_of(out)) == ["20210715-phantom/002-gre_field_magph/0001.dcm",
+                                        "20210715-phantom/002-gre_field_magph/0002.dcm"]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_full_disk_loses_nothing_and_the_rerun_finishes(tmp_path, testdata, expected):
+    """dir_out on a small filesystem that fills up mid-run; then space is freed."""
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        source, quarantine = tmp_path / "dump", tmp_path / "q"
+        copy_testdata(testdata, source, "siemens_fieldmap")  # 108 files, 11 MB: far more than 2 MB
+        inputs = tree_of(source)
+        result = run_process("sort-once", str(source), "--out", str(out / "sorted"), "--quarantine", str(quarantine))
+        assert result.returncode in (1, 3), result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        placed, waiting = tree_of(out / "sorted"), tree_of(source)
+        # How far it got depends on how many copies the workers had staged when space ran out.
+        assert waiting, "the disk filled up before the end"
+        assert not quarantine.exists() or not os.listdir(quarantine)  # a full disk is not bad input
+        assert sorted(set(placed.values()) | set(waiting.values())) == sorted(set(inputs.values()))
+        assert len(placed) + len(waiting) == len(inputs)  # each file in exactly one place
+        assert set(placed.values()) <= set(inputs.values()), "a partial file in the tree"
+        golden = golden_tree(expected, "siemens_fieldmap")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)  # space freed
+        result = run_process("sort-once", str(source), "--out", str(out / "sorted"), "--quarantine", str(quarantine))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert tree_of(out / "sorted") == golden and tree_of(source) == {}
+        assert_journal_agrees(out / "sorted")
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
