@@ -145,6 +145,16 @@ def write_new(dir_fd: int, name: str, fill: Callable[[int], None], mode: int, gi
     os.close(fd)
 
 
+def copy_file(source: str, dir_fd: int, name: str, mode: int, gid: int | None) -> None:
+    """Copy the file at source (never through a symlink) to a new file, fsynced."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        write_new(dir_fd, name, lambda out: copy_range(fd, out, 0, size), mode, gid)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:

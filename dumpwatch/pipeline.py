@@ -26,7 +26,16 @@ from dumpwatch.anonymise import empty_fields
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
-from dumpwatch.fsops import AT_FDCWD, copy_range, make_folder, move_noreplace, set_owner_mode, write_all, write_new
+from dumpwatch.fsops import (
+    AT_FDCWD,
+    copy_file,
+    copy_range,
+    make_folder,
+    move_noreplace,
+    set_owner_mode,
+    write_all,
+    write_new,
+)
 from dumpwatch.journal import Entry, Journal, now, printable
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
 from dumpwatch.tree import Decision, Tree
@@ -469,13 +478,7 @@ class Sorter:
         # Two bind mounts of one filesystem share a device number, yet rename between them
         # fails: copy the file into the staging folder (fsynced), and place the copy.
         name = f"{os.getpid()}-{next(_counter)}.part"
-        fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            write_new(self.staging_fd, name, lambda out: copy_range(fd, out, 0, size),
-                      self.cfg.file_mode, self.cfg.group)
-        finally:
-            os.close(fd)
+        copy_file(item.source, self.staging_fd, name, self.cfg.file_mode, self.cfg.group)
         item.staged = name
         return retry_transient(self.tree.apply, plan.decision, (self.staging_fd, name))
 
@@ -570,26 +573,16 @@ class Sorter:
 
     def _move_to_quarantine(self, source: str, qfd: int, name: str) -> None:
         if self.copy:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                write_new(qfd, name, lambda out: copy_range(fd, out, 0, size), 0o640, self.cfg.group)
-            finally:
-                os.close(fd)
+            copy_file(source, qfd, name, 0o640, self.cfg.group)
             return
         try:
             move_noreplace(AT_FDCWD, source, qfd, name, os.fstat(qfd).st_dev)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                write_new(qfd, name, lambda out: copy_range(fd, out, 0, size), 0o640, self.cfg.group)
-            finally:
-                os.close(fd)
-            os.fsync(qfd)
-            os.unlink(source)
+            copy_file(source, qfd, name, 0o640, self.cfg.group)  # another filesystem: copy,
+            os.fsync(qfd)  # make the copy's name durable,
+            os.unlink(source)  # and only then remove the source
 
     # -- recovery ------------------------------------------------------------------------
 
