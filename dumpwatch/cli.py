@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from dumpwatch import __version__
-from dumpwatch.config import Config, check_layout, load_config
+from dumpwatch.config import LEGACY_UNUSED, Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.pipeline import Outcome
@@ -156,9 +156,7 @@ def check_config(options: Options) -> None:
     for key, value, origin in cfg.effective():
         click.echo(f"{key:<20}= {value:<50} # {origin}".rstrip())
     for key in cfg.unused:
-        from dumpwatch.config import LEGACY_UNUSED
-
-        click.echo(f"note: '{key}' (from DcmServer) is not used: {LEGACY_UNUSED[key]}")
+        click.echo(f"note: '{key}' (from DcmServer) is not used: {LEGACY_UNUSED[key.lower()]}")
     for note in cfg.layout_warnings():
         click.echo(f"note: {note}")
 

@@ -344,7 +344,7 @@ def read_config(path: Path) -> Config:
             raise ConfigError("expected 'key = value'", path, number, key)
         value = _INLINE_COMMENT.sub("", value).strip()
         if key in LEGACY_UNUSED:
-            unused.append(key)
+            unused.append(match[1])  # as the file spells it
             continue
         spec = KEYS.get(key)
         if spec is None:

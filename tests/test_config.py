@@ -54,7 +54,7 @@ def test_legacy_dcmserver_cfg_loads_unchanged(tmp_path):
     assert cfg.fname_log is None
     assert cfg.extension == "dcm"
     assert cfg.anon_fields == (0x00100010, 0x00100030, 0x00080090)
-    assert cfg.unused == ("user", "renamedicom")
+    assert cfg.unused == ("user", "renameDicom")
     # DcmServer kept the dump inside dir_out: the quarantine must still be outside the tree.
     assert cfg.quarantine_dir == Path("/data2/dicomserver/quarantine")
 
@@ -69,7 +69,7 @@ def test_check_config_prints_the_effective_configuration(tmp_path):
     assert any(line.startswith("template") and "# default" in line for line in lines)
     assert any(line.startswith("anon_fields") and "0010,0010, 0010,0030, 0008,0090" in line for line in lines)
     assert "note: 'user' (from DcmServer) is not used" in result.output
-    assert "note: 'renamedicom' (from DcmServer) is not used" in result.output
+    assert "note: 'renameDicom' (from DcmServer) is not used" in result.output
     assert "dir_dump (/data2/dicomserver/data/dump) is inside dir_out" in result.output
 
 
