@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all install dcmtk test lint bench clean help
+.PHONY: all install dcmtk test run lint bench clean help
 
 all: test ## run the tests (the default)
 
@@ -22,7 +22,7 @@ $(STAMP):
 	  else echo "Python's venv module is missing: as root, apt-get install python3-venv"; exit 1; fi; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,server]'
 	touch $@
 
 install: $(STAMP) ## make .venv with dumpwatch and its test tools
@@ -32,8 +32,25 @@ dcmtk: ## install DCMTK's storescp and storescu with apt-get when they are missi
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) dcmtk; \
 	  else echo "DCMTK is missing: as root, apt-get install dcmtk"; exit 1; fi; }
 
+# The end-to-end tests start storescp, which listens on every interface. As root, they run
+# in a network namespace of their own, where only loopback exists.
+ISOLATE := $(shell [ "$$(id -u)" = 0 ] && command -v ip >/dev/null && unshare --net true 2>/dev/null && echo yes)
+
 test: install dcmtk ## run the tests
-	$(BIN)/pytest
+ifeq ($(ISOLATE),yes)
+	unshare --net -- sh -c 'ip link set lo up && exec $(BIN)/pytest $(PYTEST_ARGS)'
+else
+	$(BIN)/pytest $(PYTEST_ARGS)
+endif
+
+run: install dcmtk ## receive on port 11112 and sort into var/ (storescp + dumpwatch under supervisord); Ctrl-C stops
+	mkdir -p var
+	@example=$$($(BIN)/python -c 'from pydicom import examples; print(examples.get_path("mr"))'); \
+	echo; echo "Receiving on port 11112 as AE title DUMPWATCH; sorted files go to $(CURDIR)/var/sorted."; \
+	echo "Send a test image from another terminal with:"; \
+	echo "  TCP_NODELAY=1 storescu -aec DUMPWATCH 127.0.0.1 11112 $$example"; \
+	echo "Check on it with: $(BIN)/dumpwatch --config etc/dumpwatch.cfg status"; echo
+	DUMPWATCH_CONFIG=$(CURDIR)/etc/dumpwatch.cfg DUMPWATCH_VAR=$(CURDIR)/var $(BIN)/supervisord -c etc/supervisord.conf
 
 lint: install ## check the code with ruff
 	$(BIN)/pip install --quiet --disable-pip-version-check ruff

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
+import signal
 import sqlite3
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from dumpwatch import __version__
-from dumpwatch.config import LEGACY_UNUSED, Config, check_layout, load_config
+from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.pipeline import Outcome
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
+from dumpwatch.status import render, report
+from dumpwatch.watcher import AlreadyServing, ServeFailed, Server
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")
@@ -29,8 +34,8 @@ class Options:
     verbose: int
 
 
-def setup_logging(cfg: Config, verbose: int) -> None:
-    """INFO and up to the log file (if fname_log is set); to stderr, errors only unless -v."""
+def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) -> None:
+    """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v."""
     quiet_pydicom()
     root = logging.getLogger("dumpwatch")
     for handler in [h for h in root.handlers if getattr(h, "dumpwatch", False)]:
@@ -39,7 +44,7 @@ def setup_logging(cfg: Config, verbose: int) -> None:
     root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setLevel(logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    stderr.setLevel(stderr_level if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
     stderr.setFormatter(form)
     stderr.dumpwatch = True  # type: ignore[attr-defined]
     root.addHandler(stderr)
@@ -145,6 +150,79 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
             bar.__exit__(None, None, None)
     click.echo(summary.render(cfg, dry_run))
     sys.exit(summary.exit_code)  # 0 all sorted, 3 some not, 1 error, 130 interrupted
+
+
+@cli.command("serve")
+@click.pass_obj
+def serve_command(options: Options) -> None:
+    """Watch dir_dump and sort each file storescp finishes, until SIGTERM or Ctrl-C.
+
+    Run it beside storescp under a supervisor (supervisord, systemd): it exits non-zero
+    if it cannot go on (its folder watcher or a worker died), so that it is restarted.
+    Files already in the dump are sorted at start; a sweep every sweep_interval seconds
+    catches anything an event missed. A second serve on the same dump refuses to start.
+    """
+    cfg = _config(options)
+    if cfg.dir_dump is None or cfg.dir_out is None:
+        raise click.ClickException("serve needs dir_dump and dir_out in the configuration")
+    # Without a log file, stderr is the log: supervisord and journald keep it.
+    setup_logging(cfg, options.verbose, logging.WARNING if cfg.fname_log else logging.INFO)
+    stop = threading.Event()
+    try:
+        server = Server(cfg)  # forks the workers: before any thread starts
+    except AlreadyServing as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server.run(stop)
+    except ServeFailed as exc:
+        log.error("stopping: %s", exc)
+        sys.exit(EXIT_ERROR)
+    except sqlite3.Error as exc:
+        log.error("stopping: the journal cannot be written: %s", exc)
+        sys.exit(EXIT_ERROR)
+    finally:
+        server.close()
+    log.info("stopped")
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for monitoring.")
+@click.pass_obj
+def status_command(options: Options, as_json: bool) -> None:
+    """Is all well? storescp listening, the watcher alive, the dump's backlog, recent
+    sorting, the quarantine. Exit status 0 when healthy, 1 when not (for monitoring)."""
+    cfg = _config(options)
+    data = report(cfg)
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+    sys.exit(0 if data["healthy"] else EXIT_ERROR)
+
+
+@cli.command("config-value")
+@click.argument("keys", nargs=-1, required=True)
+@click.pass_obj
+def config_value(options: Options, keys: tuple[str, ...]) -> None:
+    """Print configuration values, one a line (for scripts/storescp.sh).
+
+    \b
+    Example:
+        dumpwatch --config /etc/dumpwatch.cfg config-value port aetitle dir_dump
+    """
+    cfg = _config(options)
+    for key in keys:
+        name = key.lower()
+        if name not in KEYS:
+            raise click.UsageError(f"no such key: {key}")
+        value = {"dir_quarantine": cfg.quarantine_dir, "journal": cfg.journal_path}.get(name, getattr(cfg, name))
+        if value is None:
+            raise click.ClickException(f"{key} is not set in {cfg.path or 'the configuration'}")
+        text = str(value)
+        if "\n" in text:
+            raise click.ClickException(f"{key} holds a line break")
+        click.echo(text)
 
 
 @cli.command("check-config")

@@ -87,6 +87,12 @@ def _group(text: str) -> int:
         raise ValueError(f"no such group on this machine: {text!r}") from None
 
 
+def _observer(text: str) -> str:
+    if text.lower() not in ("inotify", "polling"):
+        raise ValueError(f"either inotify (a local disk) or polling (NFS, SMB): {text!r}")
+    return text.lower()
+
+
 def _workers(text: str) -> int:
     if text.lower() == "auto":
         return 0
@@ -127,6 +133,10 @@ KEYS: dict[str, Key] = {
     "incomplete_timeout": Key(
         _seconds, "60", "seconds a truncated file may still be arriving before it is quarantined"
     ),
+    "observer": Key(_observer, "inotify", "how serve sees new files: inotify, or polling for NFS/SMB dumps"),
+    "stable_seconds": Key(_seconds, "2", "polling: a file unchanged this long is finished"),
+    "sweep_interval": Key(_seconds, "60", "seconds between sweeps of the dump for files an event missed"),
+    "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
 }
 
 
@@ -158,6 +168,10 @@ class Config:
     fname_log: Path | None = None
     workers: int = 0
     incomplete_timeout: float = 60.0
+    observer: str = "inotify"
+    stable_seconds: float = 2.0
+    sweep_interval: float = 60.0
+    backlog_alarm: float = 300.0
     anon_fields: tuple[int, ...] = ()
     unused: tuple[str, ...] = ()  # legacy keys that were given and are ignored
     explicit: frozenset[str] = frozenset()  # keys the file set

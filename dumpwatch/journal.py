@@ -32,6 +32,7 @@ CREATE INDEX IF NOT EXISTS outcomes_sop_uid ON outcomes(sop_uid);
 CREATE INDEX IF NOT EXISTS outcomes_sha256 ON outcomes(sha256);
 CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
 CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
+CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes(time);
 """
 
 

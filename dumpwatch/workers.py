@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,6 +18,8 @@ from dumpwatch.pipeline import Failed, Job, Prepared, prepare
 Result = Prepared | Failed
 
 _job: Job | None = None
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def quiet_pydicom() -> None:
@@ -26,9 +30,15 @@ def quiet_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
-def _start_worker(job: Job) -> None:
+def _start_worker(job: Job, parent: int) -> None:
     global _job
     _job = job
+    # A worker must not outlive its parent: after a kill -9 of dumpwatch, an orphan would
+    # hold the locks it inherited, and the restarted dumpwatch could not start.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     quiet_pydicom()
 
@@ -41,15 +51,17 @@ def _prepare_chunk(paths: list[str]) -> list[Result]:
 class Workers:
     """Runs prepare() over chunks of paths: in `count` processes, or in this one if count is 1."""
 
-    def __init__(self, job: Job, count: int):
+    def __init__(self, job: Job, count: int, always_pool: bool = False):
         self.job = job
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
-        if count > 1:
+        if count > 1 or always_pool:
             # fork: the workers start at once with pydicom already imported; they are made
             # before any thread exists in this process.
             self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_start_worker, initargs=(job,))
+                                            initializer=_start_worker, initargs=(job, os.getpid()))
+            if always_pool:  # a server: start the workers now, not with the first file
+                self.pool.submit(int).result()
 
     def run(self, chunks: Iterable[list[str]]) -> Iterator[list[Result]]:
         """Results chunk by chunk, as they complete; at most a few chunks are in flight."""
@@ -71,6 +83,16 @@ class Workers:
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 yield future.result()
+
+    @property
+    def broken(self) -> bool:
+        """True once a worker process has died: the pool takes no more work."""
+        return bool(getattr(self.pool, "_broken", False))  # CPython's executor marks itself so
+
+    def submit(self, chunk: list[str]) -> Future:
+        """prepare() the chunk in a worker process; the future holds its results."""
+        assert self.pool is not None
+        return self.pool.submit(_prepare_chunk, chunk)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -1,0 +1,156 @@
+"""The real receiver for end-to-end tests: storescp started by scripts/storescp.sh, storescu
+sending over loopback, `dumpwatch serve` as its own process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dumpwatch.status import listening
+from dumpwatch.watcher import read_lock
+
+REPO = Path(__file__).resolve().parents[1]
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescp") is None or shutil.which("storescu") is None,
+    reason="DCMTK's storescp and storescu are not installed (apt-get install dcmtk)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> object:
+    """Poll until predicate() is true; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def write_config(folder: Path, **extra: object) -> Path:
+    """A site's configuration in folder: dump, sorted tree and quarantine beside it, a free port."""
+    lines = {"port": free_port(), "AETitle": "DUMPWATCH", "dir_dump": "dump", "dir_out": "sorted",
+             "dir_quarantine": "quarantine", "incomplete_timeout": 3, "workers": 2, **extra}
+    path = folder / "dumpwatch.cfg"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{key} = {value}\n" for key, value in lines.items()))
+    return path
+
+
+def config_value(cfg: Path, key: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "config-value", key],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+class Storescp:
+    """scripts/storescp.sh with the site's configuration, in its own process group."""
+
+    def __init__(self, cfg: Path):
+        self.cfg = cfg
+        self.port = int(config_value(cfg, "port"))
+        env = {**os.environ, "DUMPWATCH": str(Path(sys.executable).parent / "dumpwatch")}
+        self.log = open(cfg.parent / "storescp.log", "ab")
+        self.process = subprocess.Popen([str(REPO / "scripts" / "storescp.sh"), str(cfg)], env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: listening(self.port) or self.process.poll() is not None, 20, "storescp to listen")
+        assert self.process.poll() is None, (cfg.parent / "storescp.log").read_text()
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal storescp and the children it forked for associations."""
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+        self.log.close()
+
+
+class Serve:
+    """`dumpwatch serve` as its own process, ready once it holds the dump's lock."""
+
+    def __init__(self, cfg: Path, wait: bool = True):
+        self.cfg = cfg
+        self.dump = Path(config_value(cfg, "dir_dump"))
+        self.log = open(cfg.parent / "serve.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "serve"],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: self._holds_lock() or self.process.poll() is not None, 30, "serve to start")
+            assert self.process.poll() is None, self.output()
+
+    def _holds_lock(self) -> bool:
+        holder = read_lock(self.dump) if self.dump.exists() else None
+        return holder is not None and holder.pid == self.process.pid
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.cfg.parent / "serve.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, as a supervisor stops it; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self.log.close()
+        return code
+
+
+def storescu_config(files: Iterable[Path], path: Path) -> Path:
+    """An association profile proposing each file's SOP class in its transfer syntax.
+
+    storescu refuses SOP classes it does not know (Siemens' private CSA non-image storage)
+    unless a profile names them.
+    """
+    pairs = set()
+    for file in files:
+        meta = dcmread(file, stop_before_pixels=True).file_meta
+        pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    syntaxes = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for number, ts in enumerate(syntaxes):
+        lines += [f"[TS{number}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Contexts]"]
+    for number, (sop, ts) in enumerate(sorted(pairs), start=1):
+        lines.append(f"PresentationContext{number} = {sop}\\TS{syntaxes.index(ts)}")
+    lines += ["[[Profiles]]", "[Default]", "PresentationContexts = Contexts"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def storescu(port: int, files: list[Path], work: Path, wait: bool = True) -> subprocess.Popen:
+    """Send files to 127.0.0.1:port as a scanner would (one association)."""
+    profile = storescu_config(files, work / f"storescu-{os.getpid()}-{time.monotonic_ns()}.cfg")
+    command = ["storescu", "-xf", str(profile), "Default", "-aec", "DUMPWATCH", "-aet", "SCANNER",
+               "127.0.0.1", str(port), *map(str, files)]
+    process = subprocess.Popen(command, env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, out
+    return process
+
+
+def data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".json", ".md"))

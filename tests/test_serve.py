@@ -1,0 +1,313 @@
+"""`dumpwatch serve` beside the real storescp, fed by the real storescu over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dcmtk import Serve, Storescp, data_files, needs_dcmtk, storescu, wait_for, write_config
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dumpwatch.config import read_config
+from dumpwatch.sortonce import sort_dir
+
+from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
+
+pytestmark = needs_dcmtk
+
+
+@pytest.fixture
+def site(tmp_path):
+    return write_config(tmp_path / "site")
+
+
+@pytest.fixture
+def receiver(site):
+    """storescp and serve running for the site; stopped cleanly (serve exits 0) after."""
+    scp = Storescp(site)
+    serve = Serve(site)
+    yield scp, serve
+    code = serve.stop()
+    scp.stop()
+    assert code == 0, serve.output()
+
+
+def reference(testdata: Path, tmp_path: Path, only: str = "") -> dict[str, str]:
+    """{path in the tree: SOPInstanceUID} as sort-once sorts the same files."""
+    copy_testdata(testdata, tmp_path / "ref-dump", only)
+    cfg = read_config(write_config(tmp_path / "ref"))
+    sort_dir(tmp_path / "ref-dump", cfg)
+    return uids(tmp_path / "ref" / "sorted")
+
+
+def uids(tree: Path) -> dict[str, str]:
+    return {rel: str(dcmread(tree / rel, stop_before_pixels=True).SOPInstanceUID) for rel in tree_of(tree)}
+
+
+def dump_files(site: Path) -> list[str]:
+    return [name for name in os.listdir(site.parent / "dump") if name != ".dumpwatch.lock"]
+
+
+def settled(site: Path, count: int) -> bool:
+    return len(tree_of(site.parent / "sorted")) >= count and not dump_files(site)
+
+
+def journal(site: Path, sql: str) -> list:
+    db = sqlite3.connect(site.parent / "sorted" / ".dumpwatch" / "journal.sqlite3")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_every_real_file_arrives_sorted_as_sort_once_sorts_it(receiver, site, testdata, tmp_path):
+    scp, serve = receiver
+    files = data_files(testdata)
+    storescu(scp.port, files, tmp_path)
+    expected = reference(testdata, tmp_path)
+    wait_for(lambda: settled(site, len(expected)), 60, "all files sorted")
+    assert uids(site.parent / "sorted") == expected
+    assert not (site.parent / "quarantine").exists()
+    classes = {str(dcmread(site.parent / "sorted" / rel, stop_before_pixels=True).SOPClassUID)
+               for rel in tree_of(site.parent / "sorted")}
+    assert "1.2.840.10008.5.1.4.1.1.4.2" in classes  # MR spectroscopy
+    assert "1.3.12.2.1107.5.9.1" in classes  # Siemens' private CSA non-image (physio)
+    assert journal(site, "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
+
+
+def test_four_scanners_at_once(receiver, site, testdata, tmp_path):
+    scp, _ = receiver
+    series = [FIELDMAP, "philips", "ge", "siemens_fieldmap/3_gre_field_magph"]
+    senders = [storescu(scp.port, data_files(testdata / part), tmp_path, wait=False) for part in series]
+    for sender in senders:
+        out, _ = sender.communicate(timeout=300)
+        assert sender.returncode == 0, out
+    expected = {}
+    for number, part in enumerate(series):
+        expected |= reference(testdata, tmp_path / f"ref{number}", part)
+    wait_for(lambda: settled(site, len(expected)), 60, "all files sorted")
+    assert uids(site.parent / "sorted") == expected  # nothing lost, nothing mixed
+
+
+def test_same_study_sent_twice_changes_nothing(receiver, site, testdata, tmp_path):
+    scp, _ = receiver
+    files = data_files(testdata / "siemens_fieldmap")
+    storescu(scp.port, files, tmp_path)
+    wait_for(lambda: settled(site, len(files)), 60, "first send sorted")
+    first = tree_of(site.parent / "sorted")
+    storescu(scp.port, files, tmp_path)
+    wait_for(lambda: journal(site, "SELECT count(*) FROM outcomes WHERE outcome = 'duplicate'") == [(len(files),)],
+             60, "second send recognised")
+    assert tree_of(site.parent / "sorted") == first
+    assert not dump_files(site)
+
+
+def test_watcher_killed_while_files_arrive(site, testdata, tmp_path):
+    """SIGKILL the watcher mid-send, start it again: every file sorted exactly once."""
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        files = data_files(testdata / "philips")
+        sender = storescu(scp.port, files, tmp_path, wait=False)
+        wait_for(lambda: len(tree_of(site.parent / "sorted")) >= 20, 60, "some files sorted")
+        serve.process.kill()
+        serve.process.wait()
+        serve.log.close()
+        time.sleep(0.5)  # files keep arriving with no one watching
+        serve = Serve(site)
+        out, _ = sender.communicate(timeout=300)
+        assert sender.returncode == 0, out
+        expected = reference(testdata, tmp_path, "philips")
+        wait_for(lambda: settled(site, len(expected)), 60, "all files sorted")
+        assert uids(site.parent / "sorted") == expected  # each once: no "A" copies
+        assert journal(site, "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
+    finally:
+        code = serve.stop()
+        scp.stop()
+    assert code == 0
+
+
+def test_storescp_killed_mid_transfer_of_a_large_file(site, template_file, tmp_path):
+    """storescp writes as data arrives (+B): killed, it leaves a truncated file behind,
+    with a close event. It must never reach the tree: it waits, then goes to quarantine."""
+    big = tmp_path / "big.dcm"
+    ds = dcmread(template_file)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4096, 4096, 5  # 160 MB of pixels
+    ds.PixelData = os.urandom(1 << 20) * 160
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(big, enforce_file_format=False)
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        sender = storescu(scp.port, [big], tmp_path, wait=False)
+        dump = site.parent / "dump"
+        wait_for(lambda: any(os.path.getsize(dump / n) > 20_000_000 for n in dump_files(site)), 60,
+                 "the transfer to be under way")
+        scp.kill(signal.SIGKILL)
+        sender.communicate(timeout=60)
+        quarantine = site.parent / "quarantine"
+        wait_for(lambda: quarantine.exists() and dump_files(site) == [], 30, "the partial file quarantined")
+        reason = next(quarantine.glob("*.reason.txt")).read_text().splitlines()[0]
+        assert reason.startswith("truncated: element (7FE0,0010) declares 167772160 bytes")
+        assert not tree_of(site.parent / "sorted")
+        assert not dump_files(site)
+    finally:
+        code = serve.stop()
+        scp.stop()
+    assert code == 0
+
+
+def test_a_second_serve_on_the_same_dump_refuses_to_start(receiver, site):
+    _, serve = receiver
+    second = run_process("--config", str(site), "serve")
+    assert second.returncode == 1
+    assert f"another dumpwatch serve is watching {site.parent / 'dump'} (pid {serve.process.pid} on " in second.stderr
+
+
+def test_files_already_in_the_dump_at_start_are_sorted(site, template_file):
+    for number in range(1, 4):
+        make_dicom(site.parent / "dump" / f"MR.{number}", template_file, InstanceNumber=number)
+    serve = Serve(site)
+    try:
+        wait_for(lambda: settled(site, 3), 30, "the waiting files sorted")
+    finally:
+        assert serve.stop() == 0
+
+
+def test_a_sweep_finds_files_no_event_announced(site, template_file, tmp_path):
+    """Files moved into the dump make no close event (and inotify can drop events): the
+    periodic sweep finds them."""
+    cfg = write_config(site.parent, sweep_interval=1)
+    serve = Serve(cfg)
+    try:
+        make_dicom(tmp_path / "elsewhere" / "MR.1", template_file)
+        os.rename(tmp_path / "elsewhere" / "MR.1", site.parent / "dump" / "MR.1")
+        wait_for(lambda: settled(cfg, 1), 10, "the sweep to find it")
+    finally:
+        assert serve.stop() == 0
+
+
+def test_polling_observer_sorts_by_stability(site, template_file):
+    """For NFS/SMB dumps, where inotify sees nothing: a file is finished once it is still."""
+    cfg = write_config(site.parent, observer="polling", stable_seconds=1)
+    serve = Serve(cfg)
+    try:
+        path = make_dicom(site.parent / "MR.1", template_file)
+        data = path.read_bytes()
+        target = site.parent / "dump" / "MR.1"
+        with open(target, "wb") as growing:  # written slowly, as over a network share
+            for start in range(0, len(data), 20_000):
+                growing.write(data[start:start + 20_000])
+                growing.flush()
+                time.sleep(0.3)
+                assert not tree_of(site.parent / "sorted"), "sorted before it was finished"
+        wait_for(lambda: settled(cfg, 1), 15, "the still file to be sorted")
+        assert not (site.parent / "quarantine").exists()
+    finally:
+        assert serve.stop() == 0
+
+
+def test_a_dead_worker_makes_serve_exit_for_the_supervisor(site, template_file):
+    serve = Serve(site)
+    children = subprocess.run(["pgrep", "-P", str(serve.process.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "serve has worker processes"
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert serve.process.wait(timeout=30) == 1
+    serve.log.close()
+    assert "stopping: a worker process died" in serve.output()
+
+
+def test_status_reports_what_an_operator_needs(site, template_file, testdata, tmp_path):
+    def status() -> tuple[int, dict]:
+        result = run_process("--config", str(site), "status", "--json")
+        return result.returncode, json.loads(result.stdout)
+
+    code, report = status()
+    assert code == 1 and not report["healthy"]
+    assert report["problems"] == [f"nothing listens on port {report['storescp']['port']}: storescp is not running",
+                                  "dumpwatch serve is not running"]
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        storescu(scp.port, data_files(testdata / FIELDMAP), tmp_path)
+        wait_for(lambda: settled(site, 72), 60, "the series sorted")
+        code, report = status()
+        assert code == 0 and report["healthy"], report
+        assert report["watcher"]["pid"] == serve.process.pid
+        assert report["sorted"] == {"last_hour": 72, "last_day": 72}
+        assert report["last_series"]["subject"] == "20210715-phantom"
+        assert report["last_series"]["series"] == "002-gre_field_magph"
+        assert report["last_series"]["files"] == 72
+        text = run_process("--config", str(site), "status")
+        assert text.returncode == 0 and text.stdout.strip().endswith("healthy")
+        assert "last series  20210715-phantom/002-gre_field_magph: 72 files" in text.stdout
+    finally:
+        assert serve.stop() == 0
+    # The watcher stopped; a file waits in the dump, received an hour ago; one is quarantined.
+    old = make_dicom(site.parent / "dump" / "MR.waiting", template_file)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (site.parent / "quarantine").mkdir(exist_ok=True)
+    (site.parent / "quarantine" / "MR.bad").write_text("x")
+    (site.parent / "quarantine" / "MR.bad.reason.txt").write_text("not a DICOM file (only 1 bytes)\n")
+    try:
+        code, report = status()
+        assert code == 1
+        assert report["problems"][0] == "dumpwatch serve is not running"
+        assert report["problems"][1].startswith("a file has waited 3600 s in the dump")
+        assert report["dump"]["waiting"] == 1
+        assert report["quarantine"]["files"] == 1
+        assert report["quarantine"]["recent"] == [{"file": "MR.bad", "reason": "not a DICOM file (only 1 bytes)"}]
+        assert "UNHEALTHY: dumpwatch serve is not running" in run_process("--config", str(site), "status").stdout
+    finally:
+        scp.stop()
+
+
+def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
+    """The repository's supervisord configuration, as `make run` uses it."""
+    var = tmp_path / "var"
+    var.mkdir()
+    env = {**os.environ, "DUMPWATCH_CONFIG": str(site), "DUMPWATCH_VAR": str(var)}
+    supervisord = Path(sys.executable).parent / "supervisord"
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([str(supervisord), "-c", str(repo / "etc" / "supervisord.conf")], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        port = int(read_config(site).port)
+        serve_pid = wait_for(lambda: _lock_pid(site), 30, "serve to start under supervisord")
+        from dumpwatch.status import listening
+
+        wait_for(lambda: listening(port), 30, "storescp to listen")
+        storescu(port, data_files(testdata / FIELDMAP)[:10], tmp_path)
+        wait_for(lambda: settled(site, 10), 30, "files sorted")
+        os.kill(serve_pid, signal.SIGKILL)  # supervisord starts it again
+        wait_for(lambda: _lock_pid(site) not in (None, serve_pid), 30, "serve restarted")
+        storescu(port, data_files(testdata / FIELDMAP)[10:20], tmp_path)
+        wait_for(lambda: settled(site, 20), 30, "files sorted after the restart")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    log = "".join(output)
+    assert "stopped: dumpwatch (exit status 0)" in log, log
+    assert "stopped: storescp (terminated by SIGTERM)" in log, log
+    assert subprocess.run(["pgrep", "-f", "--", f"--aetitle DUMPWATCH --output-directory {site.parent / 'dump'}"],
+                          capture_output=True).returncode == 1, "storescp left running"
+
+
+def _lock_pid(site: Path) -> int | None:
+    from dumpwatch.watcher import read_lock
+
+    holder = read_lock(site.parent / "dump")
+    return holder.pid if holder else None
