@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".dumpwatch.lock"  # in the dump: one serve per dump
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds before a file left in place is tried again
+GATHER = 0.01  # seconds to gather arriving files into one chunk for a worker
+CHUNK = 32  # files in a chunk at most
+NICE = 19  # serve yields the CPU to storescp, which a scanner is waiting on
 
 
 class AlreadyServing(Exception):
@@ -175,6 +178,9 @@ class Server:
         self.dump = Path(os.path.abspath(cfg.dir_dump))
         self.dump.mkdir(parents=True, exist_ok=True)
         self.lock = DumpLock(self.dump)
+        # Receiving comes first: a scanner waits on storescp, while sorting may lag a moment
+        # and catch up. So serve (and the workers it forks) yields the CPU to storescp.
+        os.nice(NICE)
         try:
             self.sorter = Sorter(cfg)
             self.sorter.recover()
@@ -189,6 +195,8 @@ class Server:
         self.retry_wait: dict[str, float] = {}
         self.changed: dict[str, float] = {}  # polling: path -> when it last changed
         self.running: set[Future] = set()
+        self.limit = 2 * self.workers.count  # chunks at the workers at once
+        self.submit_at = 0.0
         self.stats = _Stats()
         self.observer = None
         self.alarm = _OverflowAlarm(self.todo)
@@ -216,7 +224,8 @@ class Server:
                 self._due_retries(moment)
                 if polling:
                     self._settled(moment)
-                self._submit()
+                if self.pending and (len(self.pending) >= CHUNK or moment >= self.submit_at):
+                    self._submit()
                 self._take(self._timeout(next_sweep), stop)
             log.info("stopping: finishing the files in hand")
             self.pending.clear()
@@ -243,6 +252,8 @@ class Server:
     def _timeout(self, next_sweep: float) -> float:
         moment = time.monotonic()
         deadline = min(next_sweep, self.retries[0][0] if self.retries else next_sweep)
+        if self.pending and len(self.running) < self.limit:
+            deadline = min(deadline, self.submit_at)
         if self.changed:
             deadline = min(deadline, moment + 0.2)
         return max(0.0, min(deadline - moment, 1.0))
@@ -282,12 +293,16 @@ class Server:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
         self.busy.add(path)
+        if not self.pending:
+            # Gather what arrives in the next moments into one chunk: one round trip to a
+            # worker and one journal batch for many files. A file at a time cost the CPU
+            # storescp needs while a scanner sends.
+            self.submit_at = time.monotonic() + GATHER
         self.pending.append(path)
 
     def _submit(self) -> None:
-        limit = 2 * self.workers.count
-        while self.pending and len(self.running) < limit:
-            chunk = [self.pending.popleft() for _ in range(min(len(self.pending), 64))]
+        while self.pending and len(self.running) < self.limit:
+            chunk = [self.pending.popleft() for _ in range(min(len(self.pending), CHUNK))]
             future = self.workers.submit(chunk)
             self.running.add(future)
             future.add_done_callback(lambda f: self.todo.put(("done", f)))

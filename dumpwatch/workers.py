@@ -30,7 +30,7 @@ def quiet_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
-def _start_worker(job: Job, parent: int) -> None:
+def _start_worker(job: Job, parent: int, nice: int) -> None:
     global _job
     _job = job
     # A worker must not outlive its parent: after a kill -9 of dumpwatch, an orphan would
@@ -40,6 +40,8 @@ def _start_worker(job: Job, parent: int) -> None:
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    if nice:
+        os.nice(nice)  # beside storescp, receiving comes first: a scanner waits on it
     quiet_pydicom()
 
 
@@ -51,7 +53,7 @@ def _prepare_chunk(paths: list[str]) -> list[Result]:
 class Workers:
     """Runs prepare() over chunks of paths: in `count` processes, or in this one if count is 1."""
 
-    def __init__(self, job: Job, count: int, always_pool: bool = False):
+    def __init__(self, job: Job, count: int, always_pool: bool = False, nice: int = 0):
         self.job = job
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
@@ -59,7 +61,7 @@ class Workers:
             # fork: the workers start at once with pydicom already imported; they are made
             # before any thread exists in this process.
             self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_start_worker, initargs=(job, os.getpid()))
+                                            initializer=_start_worker, initargs=(job, os.getpid(), nice))
             if always_pool:  # a server: start the workers now, not with the first file
                 self.pool.submit(int).result()
 
