@@ -43,14 +43,18 @@ else
 	$(BIN)/pytest $(PYTEST_ARGS)
 endif
 
+RUN_CONFIG ?= $(CURDIR)/etc/dumpwatch.cfg
+RUN_VAR ?= $(CURDIR)/var
+
 run: install dcmtk ## receive on port 11112 and sort into var/ (storescp + dumpwatch under supervisord); Ctrl-C stops
-	mkdir -p var
-	@example=$$($(BIN)/python -c 'from pydicom import examples; print(examples.get_path("mr"))'); \
-	echo; echo "Receiving on port 11112 as AE title DUMPWATCH; sorted files go to $(CURDIR)/var/sorted."; \
+	mkdir -p $(RUN_VAR)
+	@set -e; { read -r port; read -r aet; read -r out; } <<< "$$($(BIN)/dumpwatch --config $(RUN_CONFIG) config-value port aetitle dir_out)"; \
+	example=$$($(BIN)/python -c 'from pydicom import examples; print(examples.get_path("mr"))'); \
+	echo; echo "Receiving on port $$port as AE title $$aet; sorted files go to $$out."; \
 	echo "Send a test image from another terminal with:"; \
-	echo "  TCP_NODELAY=1 storescu -aec DUMPWATCH 127.0.0.1 11112 $$example"; \
-	echo "Check on it with: $(BIN)/dumpwatch --config etc/dumpwatch.cfg status"; echo
-	DUMPWATCH_CONFIG=$(CURDIR)/etc/dumpwatch.cfg DUMPWATCH_VAR=$(CURDIR)/var $(BIN)/supervisord -c etc/supervisord.conf
+	echo "  TCP_NODELAY=1 storescu -aec $$aet 127.0.0.1 $$port $$example"; \
+	echo "Check on it with: $(BIN)/dumpwatch --config $(RUN_CONFIG) status"; echo
+	DUMPWATCH_CONFIG=$(RUN_CONFIG) DUMPWATCH_VAR=$(RUN_VAR) exec $(BIN)/supervisord -c etc/supervisord.conf
 
 lint: install ## check the code with ruff
 	$(BIN)/pip install --quiet --disable-pip-version-check ruff

@@ -178,7 +178,7 @@ def serve_command(options: Options) -> None:
         signal.signal(signum, lambda *_: stop.set())
     try:
         server.run(stop)
-    except ServeFailed as exc:
+    except (ServeFailed, OSError) as exc:
         log.error("stopping: %s", exc)
         sys.exit(EXIT_ERROR)
     except sqlite3.Error as exc:

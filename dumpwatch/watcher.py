@@ -199,6 +199,7 @@ class Server:
         self.submit_at = 0.0
         self.stats = _Stats()
         self.observer = None
+        self.dump_id: tuple[int, int] | None = None
         self.alarm = _OverflowAlarm(self.todo)
 
     # -- the loop ------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class Server:
         self.observer.schedule(handler, str(self.dump), recursive=False, event_filter=watch_filter)
         logging.getLogger("watchdog").addHandler(self.alarm)
         self.observer.start()
+        self.dump_id = _identity(self.dump)
         log.info("watching %s (%s); sorting into %s", self.dump, self.cfg.observer, self.cfg.dir_out)
         next_sweep = 0.0  # sweep at once: files that arrived while no one watched
         try:
@@ -240,7 +242,9 @@ class Server:
         """Raise ServeFailed if watching or working cannot go on."""
         assert self.observer is not None
         if not self.observer.is_alive() or not all(e.is_alive() for e in self.observer.emitters):
-            raise ServeFailed(f"the watcher of {self.dump} stopped (was the folder removed?)")
+            raise ServeFailed(f"the watcher of {self.dump} stopped")
+        if _identity(self.dump) != self.dump_id:  # inotify watches the folder, not its name
+            raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew")
         if self.workers.broken:
             raise ServeFailed("a worker process died")
 
@@ -362,6 +366,14 @@ class Server:
                 heapq.heappush(self.retries, (moment + wait, outcome.source))
             else:
                 self.retry_wait.pop(outcome.source, None)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def serve(cfg: Config, stop: threading.Event) -> None:

@@ -95,8 +95,11 @@ class Serve:
         self.log = open(cfg.parent / "serve.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "serve"],
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        if wait:
-            wait_for(lambda: self._holds_lock() or self.process.poll() is not None, 30, "serve to start")
+        log_file = config_value(cfg, "fname_log") if "fname_log" in cfg.read_text() else ""
+        self.log_file = Path(log_file) if log_file else None
+        if wait:  # it holds the lock, and its watcher runs
+            wait_for(lambda: (self._holds_lock() and "watching " in self.output()) or self.process.poll() is not None,
+                     30, "serve to start")
             assert self.process.poll() is None, self.output()
 
     def _holds_lock(self) -> bool:
@@ -104,9 +107,13 @@ class Serve:
         return holder is not None and holder.pid == self.process.pid
 
     def output(self) -> str:
+        """What serve printed, and what it wrote to its log file if it has one."""
         if not self.log.closed:
             self.log.flush()
-        return (self.cfg.parent / "serve.log").read_text(errors="replace")
+        text = (self.cfg.parent / "serve.log").read_text(errors="replace")
+        if self.log_file is not None and self.log_file.exists():
+            text += self.log_file.read_text(errors="replace")
+        return text
 
     def stop(self) -> int:
         """SIGTERM, as a supervisor stops it; returns the exit status."""
