@@ -52,7 +52,7 @@ run: install dcmtk ## receive on port 11112 and sort into var/ (storescp + dumpw
 	example=$$($(BIN)/python -c 'from pydicom import examples; print(examples.get_path("mr"))'); \
 	echo; echo "Receiving on port $$port as AE title $$aet; sorted files go to $$out."; \
 	echo "Send a test image from another terminal with:"; \
-	echo "  TCP_NODELAY=1 storescu -aec $$aet 127.0.0.1 $$port $$example"; \
+	echo "  TCP_NODELAY=1 storescu -aec $$(printf %q "$$aet") 127.0.0.1 $$port $$(printf %q "$$example")"; \
 	echo "Check on it with: $(BIN)/dumpwatch --config $(RUN_CONFIG) status"; echo
 	DUMPWATCH_CONFIG=$(RUN_CONFIG) DUMPWATCH_VAR=$(RUN_VAR) exec $(BIN)/supervisord -c etc/supervisord.conf
 

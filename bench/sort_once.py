@@ -3,9 +3,9 @@
 Each contender sorts a fresh copy of the same generated corpus, as a whole process (start-up
 included), timed from outside; the median of several runs is reported. The copies are
 written back (sync) and left to age past the kernel's writeback window before the timed
-runs, as an old dump would be: dumpwatch fsyncs only files that may still have data in
-memory (see docs/benchmarks.md). The "just copied" row runs at once on a fresh copy, so
-dumpwatch fsyncs every file.
+runs, as an old dump would be. The "just copied" row runs at once on a fresh copy, whose
+data is still in memory: dumpwatch's sync before each batch's renames (syncfs) then has
+the data to write.
 
     python bench/sort_once.py [--files 2000] [--header mr|siemens] [--runs 5] [--no-peers]
 """
@@ -97,7 +97,7 @@ def main() -> None:
         ("minimal loop (1 process: read header, rename)", minimal, False),
         ("dumpwatch sort-once", dumpwatch, False),
         ("dumpwatch sort-once --copy", dumpwatch + ["--copy"], False),
-        ("dumpwatch sort-once, files just copied in (fsync each)", dumpwatch, True),
+        ("dumpwatch sort-once, files just copied in (data still in memory)", dumpwatch, True),
     ]
     if not args.no_peers:
         peer = dicomsort_python()

@@ -22,7 +22,7 @@ from dumpwatch.journal import Journal, printable
 from dumpwatch.pipeline import Outcome
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
-from dumpwatch.watcher import AlreadyServing, ServeFailed, Server
+from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")
@@ -110,6 +110,10 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
     out_dir = Path(os.path.abspath(cfg.dir_out))
     if folder == out_dir or out_dir in folder.parents or inside(folder, out_dir):
         raise click.UsageError(f"{folder} is inside the sorted tree {out_dir}; sort from outside it")
+    holder = read_lock(folder)
+    if holder is not None:
+        raise click.UsageError(f"dumpwatch serve is watching {folder} ({holder.describe()}) and sorts it itself; "
+                               "sort-once is for folders no one else is writing to")
     try:
         check_layout(cfg)
     except ConfigError as exc:
@@ -168,14 +172,16 @@ def serve_command(options: Options) -> None:
     # Without a log file, stderr is the log: supervisord and journald keep it.
     setup_logging(cfg, options.verbose, logging.WARNING if cfg.fname_log else logging.INFO)
     stop = threading.Event()
+    # From the first moment: a stop during start-up (recovery may take a while) then ends
+    # serve cleanly, as soon as it is ready, instead of killing it half-way.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         server.run(stop)
     except (ServeFailed, OSError) as exc:

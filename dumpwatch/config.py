@@ -40,14 +40,22 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= number < 10**7:
-        raise ValueError(f"{text} seconds is out of range")
-    return number
+def _seconds_from(low: float):
+    """A parser of seconds, at least `low`: a wait of 0 would make serve spin on the CPU."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"not a number of seconds: {text!r}") from None
+        if not low <= number < 10**7:
+            raise ValueError(f"{text} seconds is out of range {low:g}..10000000")
+        return number
+
+    return parse
+
+
+_seconds = _seconds_from(0)
 
 
 def _aetitle(text: str) -> str:
@@ -134,8 +142,9 @@ KEYS: dict[str, Key] = {
         _seconds, "60", "seconds a truncated file may still be arriving before it is quarantined"
     ),
     "observer": Key(_observer, "inotify", "how serve sees new files: inotify, or polling for NFS/SMB dumps"),
-    "stable_seconds": Key(_seconds, "2", "polling: a file unchanged this long is finished"),
-    "sweep_interval": Key(_seconds, "60", "seconds between sweeps of the dump for files an event missed"),
+    "stable_seconds": Key(_seconds_from(0.1), "2",
+                          "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
+    "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
     "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
 }
 

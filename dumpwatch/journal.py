@@ -131,8 +131,9 @@ class Journal:
                   _text(os.path.basename(e.source)) if e.source else None, e.sop_uid, e.series_uid, e.sha256,
                   e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
             )
-        for number, entry in enumerate(entries):
-            entry.id = first + number
+            for number, entry in enumerate(entries):
+                entry.id = first + number
+            _drop_repeats(db, [e for e in entries if e.outcome == "left"])
 
     def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
         """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""
@@ -151,6 +152,7 @@ class Journal:
                 "UPDATE outcomes SET done = 1, time = ?, outcome = 'left', dest = NULL, reason = ? WHERE id = ?",
                 [(stamp, _text(e.reason), e.id) for e in undone],
             )
+            _drop_repeats(db, undone)
 
     def forget(self, ids: Iterable[int]) -> None:
         """Drop rows of moves that never started (found by recovery)."""
@@ -171,6 +173,17 @@ class Journal:
 
     def _transaction(self):
         return _Transaction(self.db)
+
+
+def _drop_repeats(db: sqlite3.Connection, left: list[Entry]) -> None:
+    """A file left in place for the same reason as last time keeps one row, the newest: a file
+    that cannot be read is tried every minute, and a row each time would grow without end."""
+    db.executemany(
+        "DELETE FROM outcomes WHERE name = ? AND source = ? AND outcome = 'left' AND done = 1"
+        " AND reason IS ? AND id < ?",
+        [(_text(os.path.basename(e.source)), _text(e.source), _text(e.reason), e.id)
+         for e in left if e.source and e.id is not None],
+    )
 
 
 class _Transaction:

@@ -115,7 +115,7 @@ class Prepared:
     series_uid: str
     name: Name
     staged: str | None = None  # a copy written to the staging folder, to place instead of source
-    fresh: bool = False  # its data may be only in memory yet: sync before it gets its name
+    fresh: bool = False  # written moments ago: its writeback was started early
 
 
 @dataclass
@@ -195,6 +195,8 @@ def _incomplete(path: str, reason: str, job: Job) -> Failed:
         age = time.time() - os.lstat(path).st_mtime
     except FileNotFoundError:
         return Failed(path, "gone", "vanished before it was read")
+    except OSError as exc:
+        return Failed(path, "left", os_reason(exc))
     if age < job.incomplete_timeout:
         return Failed(path, "left", f"incomplete, may still be arriving: {reason}")
     return Failed(path, "quarantine", f"truncated: {reason}")
@@ -221,14 +223,11 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         _stage(dicom, prepared, _encode_header(dicom) if changed else None, job)
     else:
         # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk
-        # yet, and must be before it has a name in the tree; the sorter syncs such files once
-        # per batch. The kernel writes dirty data back within its own deadline, so older files
-        # (an old dump) need nothing. Their age is their ctime, which no copy tool can set
-        # back (cp -a and rsync keep old mtimes).
+        # yet, and must be before it has a name in the tree; the sorter syncs once per batch.
+        # Start writing a fresh file back now, without waiting: that sync then finds little
+        # left to write. Its age is its ctime, which no copy tool can set back.
         prepared.fresh = time.time() - dicom.st.st_ctime < WRITEBACK_SECONDS
         if prepared.fresh and _sync_file_range is not None:
-            # Start writing it back now, without waiting: the sorter's sync then finds
-            # little left to write.
             _sync_file_range(dicom.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
         set_owner_mode(dicom.fd, job.file_mode, job.gid, dicom.st)
     failpoints.hit("prepared")
@@ -314,6 +313,7 @@ class Sorter:
         self.journal: Journal | None = None
         self.staging = state / "tmp"
         self.staging_fd = -1
+        self.sync_fds: dict[int, int] = {}  # device -> a folder fd on it, for syncfs
         if not dry_run:
             # The journal and staged copies name patients' files: the group may read, no one else.
             make_folder(self.staging, cfg.dir_mode & 0o2770, cfg.group)
@@ -338,6 +338,9 @@ class Sorter:
 
     def close(self) -> None:
         self.tree.close()
+        for fd in self.sync_fds.values():
+            os.close(fd)
+        self.sync_fds.clear()
         if self.staging_fd >= 0:
             os.close(self.staging_fd)
             self.staging_fd = -1
@@ -412,14 +415,14 @@ class Sorter:
         assert self.journal is not None
         self.journal.begin([e for p in plans for e in (*p.renames, p.entry)])
         failpoints.hit("journal-begun")
-        _sync_fresh([p.item for p in plans if p.item.fresh and not p.item.staged])
+        unsynced = self._sync_sources([p.item for p in plans if not p.item.staged])
 
         placed: list[_Plan] = []
         undone: list[tuple[_Plan, str, str]] = []  # (plan, outcome, reason)
         must_sync: set[tuple[str, ...]] = set()
         for plan in plans:
             item, decision = plan.item, plan.decision
-            changed = _changed(item)
+            changed = _changed(item) or unsynced.get(item.source)
             try:
                 if changed:
                     raise _NotPlaced(*changed)
@@ -442,6 +445,8 @@ class Sorter:
         if must_sync:  # copies must be durable before their sources go
             self.tree.sync(must_sync)
         outcomes, finished = [], []
+        stuck: list[Entry] = []  # placed, but their sources cannot be removed
+        forgotten: list[int | None] = []
         for plan in placed:
             item, decision = plan.item, plan.decision
             if decision.outcome == "duplicate" or decision.already:
@@ -453,7 +458,17 @@ class Sorter:
             if not self.copy:
                 if item.staged or decision.outcome == "duplicate" or decision.already:
                     failpoints.hit("unlink-source")
-                    self._remove_source(item, decision)
+                    problem = self._remove_source(item, decision)
+                    if problem:
+                        # In the tree, yet still in the dump (a dump shared with the sticky bit,
+                        # a file of another user): say so and go on; a person must remove it.
+                        reason = f"in the tree at {plan.entry.dest}, but it cannot be removed from here: {problem}"
+                        log.error("%s: %s", item.source, reason)
+                        stuck.append(Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason))
+                        if decision.outcome == "duplicate" or decision.already:
+                            forgotten.append(plan.entry.id)  # nothing new happened to it
+                            outcomes.append(Outcome(item.source, "left", reason))
+                            continue
                 if self.quarantine_id and _folder_id(item.source) == self.quarantine_id:
                     _remove(item.source + ".reason.txt")  # sorted out of the quarantine: its reason is moot
             outcomes.append(Outcome(item.source, decision.outcome, plan.entry.dest or ""))
@@ -469,7 +484,8 @@ class Sorter:
                 plan.entry.reason = reason
                 left.append(plan.entry)
         self.journal.finish(finished, left)
-        self.journal.forget(gone)
+        self.journal.forget([*gone, *forgotten])
+        self.journal.record(stuck)
         return outcomes
 
     def _apply(self, plan: _Plan) -> list[tuple[str, ...]]:
@@ -488,14 +504,79 @@ class Sorter:
         item.staged = name
         return retry_transient(self.tree.apply, plan.decision, (self.staging_fd, name))
 
-    def _remove_source(self, item: Prepared, decision: Decision) -> None:
-        """Remove a source that is now in the tree (or was a duplicate of a file there)."""
+    def _sync_sources(self, items: list[Prepared]) -> dict[str, tuple[str, str]]:
+        """Put the data of files about to be renamed into the tree on disk first.
+
+        storescp never fsyncs, and ext4 does not order a rename to a new name after the data
+        it names: without this, a power cut could leave an empty file in the tree. One syncfs
+        per filesystem and batch: an fdatasync per file cost a disk cache flush each, and beside
+        storescp those flushes slowed receiving by half (docs/benchmarks.md). The folder fds
+        stay open: syncfs reports a failed writeback only to fds opened before it happened.
+        Returns {source: ("left", reason)} for files whose data could not be written.
+        """
+        failed: dict[str, tuple[str, str]] = {}
+        by_device: dict[int, list[Prepared]] = {}
+        for item in items:
+            by_device.setdefault(item.dev, []).append(item)
+        for dev, group in by_device.items():
+            fd = self._device_fd(dev, group[0].source)
+            if fd >= 0 and _syncfs is not None:
+                if _syncfs(fd) == 0:
+                    continue
+                err = ctypes.get_errno()
+                if err not in (errno.ENOSYS, errno.EINVAL):
+                    reason = f"cannot write it to disk: {os.strerror(err)}"
+                    log.error("syncing the filesystem of %s failed: %s", group[0].source, os.strerror(err))
+                    failed.update((item.source, ("left", reason)) for item in group)
+                    continue
+            for item in group:  # no syncfs: one file at a time
+                try:
+                    fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue  # gone or changed: the placing step says so
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    failed[item.source] = ("left", f"cannot write it to disk: {os_reason(exc)}")
+                finally:
+                    os.close(fd)
+        return failed
+
+    def watch_device(self, folder: Path | str) -> None:
+        """Open the sync fd of folder's filesystem now (serve: the dump), so that syncfs
+        reports every failed writeback from this moment on."""
+        try:
+            self._device_fd(os.stat(folder).st_dev, os.path.join(folder, "x"))
+        except OSError:
+            pass
+
+    def _device_fd(self, dev: int, path: str) -> int:
+        fd = self.sync_fds.get(dev, -1)
+        if fd < 0:
+            try:
+                fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return -1
+            if os.fstat(fd).st_dev != dev:
+                os.close(fd)
+                return -1
+            self.sync_fds[dev] = fd
+        return fd
+
+    def _remove_source(self, item: Prepared, decision: Decision) -> str | None:
+        """Remove a source that is now in the tree (or was a duplicate of a file there).
+
+        Returns why it could not be removed, or None.
+        """
         try:
             if decision.already and os.lstat(item.source).st_nlink < 2:
-                return  # the tree's own file, reached by another path: nothing to remove
+                return None  # the tree's own file, reached by another path: nothing to remove
             os.unlink(item.source)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            return os_reason(exc)
+        return None
 
     def _unstage(self, item: Prepared) -> None:
         if item.staged and self.staging_fd >= 0:
@@ -504,6 +585,18 @@ class Sorter:
             except FileNotFoundError:
                 pass
             item.staged = None
+
+    def discard(self, results: Iterable[Prepared | Failed]) -> None:
+        """Results that will not be placed now (sorting paused): their files wait in the dump."""
+        for result in results:
+            if isinstance(result, Prepared):
+                self._unstage(result)
+
+    def restart(self) -> int:
+        """After a batch failed half-way (the journal could not be written): forget what was
+        known of the tree, and settle the rows left under way, as at a start."""
+        self.tree.forget()
+        return self.recover()
 
     # -- quarantine ----------------------------------------------------------------------
 
@@ -588,7 +681,13 @@ class Sorter:
                 raise
             copy_file(source, qfd, name, 0o640, self.cfg.group)  # another filesystem: copy,
             os.fsync(qfd)  # make the copy's name durable,
-            os.unlink(source)  # and only then remove the source
+            try:
+                os.unlink(source)  # and only then remove the source
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _remove_at(qfd, name)  # it stays in the dump: one place only
+                raise
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -646,37 +745,6 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
-
-
-def _sync_fresh(items: list[Prepared]) -> None:
-    """Put the data of files written moments ago on disk before they are renamed into the tree.
-
-    One syncfs per filesystem and batch: an fdatasync per file cost a disk cache flush each,
-    and beside storescp those flushes slowed receiving by half (docs/benchmarks.md).
-    """
-    done: set[int] = set()
-    for item in items:
-        if item.dev in done:
-            continue
-        try:
-            fd = os.open(os.path.dirname(item.source) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone: the placing step says so
-        try:
-            if _syncfs is not None and _syncfs(fd) == 0:
-                done.add(item.dev)
-        finally:
-            os.close(fd)
-    for item in items:
-        if item.dev not in done:  # no syncfs here: one file at a time
-            try:
-                fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -738,7 +806,12 @@ def _settle(row) -> bool:
             return False  # the name was taken by something else since: not ours
     if source and not row["kept"] and source != dest and os.path.lexists(source):
         if _same_inode(source, dest) or (row["sha256"] and _sha256(source) == row["sha256"]):
-            os.unlink(source)
+            try:
+                os.unlink(source)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the next sweep finds it, and says why it stays
+                log.error("%s is in the tree at %s but cannot be removed: %s", source, dest, os_reason(exc))
     return True
 
 

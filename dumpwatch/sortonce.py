@@ -15,6 +15,7 @@ from pathlib import Path
 from dumpwatch.config import Config
 from dumpwatch.journal import printable
 from dumpwatch.pipeline import Outcome, Sorter, chunked
+from dumpwatch.watcher import LOCK_NAME, read_lock
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,13 @@ def inside(path: Path, folder: Path) -> bool:
     return any(folder_id(p) == target for p in (path, *path.parents))
 
 
-def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, int] | None = None) -> Iterator[str]:
+def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, int] | None = None,
+         served: list[str] | None = None) -> Iterator[str]:
     """Every entry below root that is not a folder, in name order. Symlinks are listed as
     entries and never followed; folders in `skip` (by (device, inode), or by absolute path
     for those made while walking) are not entered; in the quarantine folder, the reason
-    files beside the files are not entries of their own."""
+    files beside the files are not entries of their own. A dump that a running serve
+    watches is left to it (storescp may be writing there) and named in `served`."""
     stack = [str(root)]
     while stack:
         folder = stack.pop()
@@ -57,13 +60,22 @@ def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, in
             log.error("cannot list %s: %s", folder, exc.strerror)
             unreadable.append(f"{folder}: {exc.strerror}")
             continue
+        if any(e.name == LOCK_NAME for e in entries):
+            holder = read_lock(Path(folder))
+            if holder is not None:
+                log.warning("skipping %s: dumpwatch serve sorts it (%s)", folder, holder.describe())
+                if served is not None:
+                    served.append(folder)
+                continue
         folders = []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
                 if (st.st_dev, st.st_ino) not in skip and os.path.abspath(entry.path) not in skip:
                     folders.append(entry.path)
-            elif not (reasons_here and entry.name.endswith(".reason.txt")):
+            elif entry.name == LOCK_NAME or (reasons_here and entry.name.endswith(".reason.txt")):
+                continue  # serve's lock on a dump (no serve holds it now), or a reason file
+            else:
                 yield entry.path
         stack.extend(reversed(folders))
 
@@ -75,6 +87,7 @@ class Summary:
     counts: Counter = field(default_factory=Counter)
     problems: list[Outcome] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)  # dumps a running serve sorts: skipped
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
 
@@ -92,7 +105,7 @@ class Summary:
     def exit_code(self) -> int:
         if self.stopped:
             return EXIT_INTERRUPTED if self.stopped == "interrupted" else EXIT_ERROR
-        if self.counts["quarantined"] or self.counts["left"] or self.unreadable:
+        if self.counts["quarantined"] or self.counts["left"] or self.unreadable or self.served:
             return EXIT_NOT_ALL
         return EXIT_OK
 
@@ -118,6 +131,8 @@ class Summary:
             lines.append(f"    ... and {hidden} more: see `dumpwatch where NAME` or the .reason.txt files")
         for folder in self.unreadable:
             lines.append(f"  cannot list {printable(folder)}")
+        for folder in self.served:
+            lines.append(f"  skipped {printable(folder)}: dumpwatch serve is watching it and sorts it itself")
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; the files not handled are still in place: "
                          "run it again to finish")
@@ -149,7 +164,8 @@ def sort_dir(
         size = max(1, min(64, total // (workers * 4) or 1))
         with Workers(sorter.job, workers) as pool:
             try:
-                for results in pool.run(chunked(walk(root, skip, summary.unreadable, quarantine), size)):
+                listing = walk(root, skip, summary.unreadable, quarantine, summary.served)
+                for results in pool.run(chunked(listing, size)):
                     outcomes = sorter.handle(results)  # a whole batch, or none of it
                     summary.add(outcomes)
                     if on_outcome:

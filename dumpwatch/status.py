@@ -12,6 +12,7 @@ from dumpwatch.journal import printable
 from dumpwatch.watcher import LOCK_NAME, read_lock
 
 _RECENT = 5  # quarantined files listed with their reasons
+_SKEW = 60  # seconds a file's time may lie ahead of ours before status calls it a clock problem
 
 
 def listening(port: int) -> bool:
@@ -46,11 +47,17 @@ def report(cfg: Config) -> dict:
     result["watcher"] = {"running": holder is not None, **(holder.__dict__ if holder else {})}
     if holder is None:
         problems.append("dumpwatch serve is not running")
+    elif holder.paused:
+        problems.append(f"sorting is paused: {holder.paused}")
 
     waiting, oldest = _backlog(dump)
     result["dump"] = {"path": str(dump) if dump else None, "waiting": waiting, "oldest_seconds": oldest}
     if oldest is not None and oldest > cfg.backlog_alarm:
         problems.append(f"a file has waited {oldest:.0f} s in the dump (alarm at {cfg.backlog_alarm:.0f} s)")
+    elif oldest is not None and oldest < -_SKEW:
+        # A dump on another machine (NFS) whose clock runs ahead: ages read from it mean nothing.
+        problems.append(f"a file in the dump is dated {-oldest:.0f} s in the future: the clocks of this machine"
+                        " and the dump's file server disagree (check NTP)")
 
     result.update(_from_journal(cfg.journal_path))
     result["quarantine"] = _quarantine(cfg.quarantine_dir)
@@ -77,7 +84,7 @@ def _backlog(dump: Path | None) -> tuple[int, float | None]:
                 oldest = mtime if oldest is None else min(oldest, mtime)
     except FileNotFoundError:
         return 0, None
-    return count, None if oldest is None else max(0.0, time.time() - oldest)
+    return count, None if oldest is None else time.time() - oldest
 
 
 def _from_journal(path: Path | None) -> dict:
@@ -138,10 +145,12 @@ def render(data: dict) -> str:
     watcher = data["watcher"]
     lines.append("  watcher      " + (f"running, pid {watcher['pid']} on {watcher['host']}, since {watcher['since']}"
                                       if watcher["running"] else "NOT running"))
+    if watcher.get("paused"):
+        lines.append(f"               sorting PAUSED: {watcher['paused']}")
     dump = data["dump"]
     waiting = f"{dump['waiting']} files waiting"
     if dump["oldest_seconds"] is not None:
-        waiting += f", the oldest for {dump['oldest_seconds']:.0f} s"
+        waiting += f", the oldest for {max(0.0, dump['oldest_seconds']):.0f} s"
     lines.append(f"  dump         {dump['path']}: {waiting}")
     if data.get("sorted"):
         lines.append(f"  sorted       {data['sorted']['last_hour']:,} in the last hour, "

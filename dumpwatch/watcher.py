@@ -18,6 +18,8 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
+import stat
 import threading
 import time
 from collections import deque
@@ -32,7 +34,7 @@ from watchdog.observers.polling import PollingObserver
 
 from dumpwatch.config import Config
 from dumpwatch.journal import now
-from dumpwatch.pipeline import Outcome, Sorter
+from dumpwatch.pipeline import Outcome, Sorter, os_reason
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds before a file left in place is tri
 GATHER = 0.01  # seconds to gather arriving files into one chunk for a worker
 CHUNK = 32  # files in a chunk at most
 NICE = 19  # serve yields the CPU to storescp, which a scanner is waiting on
+LOCK_PATIENCE = 2.0  # seconds a start waits for a lock held only for a moment
+PAUSE_FIRST, PAUSE_MAX = 10.0, 60.0  # seconds sorting pauses when the journal cannot be written
 
 
 class AlreadyServing(Exception):
@@ -60,6 +64,7 @@ class LockInfo:
     pid: int
     host: str
     since: str  # UTC, ISO 8601
+    paused: str = ""  # why sorting is paused (a full disk), for `dumpwatch status`
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, since {self.since}"
@@ -69,9 +74,13 @@ def read_lock(dump: Path) -> LockInfo | None:
     """Who holds the dump's lock, or None if no serve is running on it."""
     path = dump / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None  # a symlink is never our lock
+        raise
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -88,7 +97,7 @@ def read_lock(dump: Path) -> LockInfo | None:
 def _lock_info(data: bytes) -> LockInfo:
     try:
         fields = json.loads(data or b"{}")
-        return LockInfo(int(fields["pid"]), str(fields["host"]), str(fields["since"]))
+        return LockInfo(int(fields["pid"]), str(fields["host"]), str(fields["since"]), str(fields.get("paused", "")))
     except (ValueError, KeyError, TypeError):
         return LockInfo(0, "?", "?")
 
@@ -102,20 +111,48 @@ class DumpLock:
 
     def __init__(self, dump: Path):
         self.path = dump / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        # Anyone who can write to the dump could plant a symlink here: never follow one, and
+        # never write to anything but a plain file.
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o664)
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(self.fd)
-                raise
-            holder = _lock_info(os.pread(self.fd, 4096, 0))
+            if exc.errno == errno.ELOOP:
+                raise OSError(exc.errno, f"{self.path} is a symlink, not dumpwatch's lock; remove it") from None
+            raise
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
             os.close(self.fd)
-            raise AlreadyServing(f"another dumpwatch serve is watching {dump} ({holder.describe()})") from None
+            raise OSError(errno.EINVAL, f"{self.path} is not a plain file, not dumpwatch's lock; remove it")
+        # `dumpwatch status` takes the lock shared for a moment to see whether it is held:
+        # a start at that moment tries again rather than take status for a running serve.
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    raise
+            if time.monotonic() >= deadline:
+                holder = _lock_info(os.pread(self.fd, 4096, 0))
+                os.close(self.fd)
+                raise AlreadyServing(f"another dumpwatch serve is watching {dump} ({holder.describe()})")
+            time.sleep(0.05)
         self.info = LockInfo(os.getpid(), socket.gethostname(), now())
+        self._write()
+
+    def note_paused(self, reason: str) -> None:
+        """Tell `dumpwatch status` why sorting is paused ("" once it goes on)."""
+        self.info.paused = reason
+        try:
+            self._write()
+        except OSError:
+            pass  # a full disk: the log says it too
+
+    def _write(self) -> None:
         data = json.dumps(self.info.__dict__).encode()
-        os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -181,9 +218,15 @@ class Server:
         # Receiving comes first: a scanner waits on storescp, while sorting may lag a moment
         # and catch up. So serve (and the workers it forks) yields the CPU to storescp.
         os.nice(NICE)
+        self.paused_until = 0.0  # sorting waits until then: the journal could not be written
+        self.pause = PAUSE_FIRST
         try:
             self.sorter = Sorter(cfg)
-            self.sorter.recover()
+            self.sorter.watch_device(self.dump)
+            try:
+                self.sorter.recover()
+            except (sqlite3.Error, OSError) as exc:
+                self._pause(exc)  # a full disk: wait for space rather than fail at every start
             self.workers = Workers(self.sorter.job, cfg.worker_count, always_pool=True)
         except BaseException:
             self.lock.close()
@@ -193,7 +236,9 @@ class Server:
         self.busy: set[str] = set()  # paths pending or at a worker: never handled twice at once
         self.retries: list[tuple[float, str]] = []  # (due, path) heap of files left to try again
         self.retry_wait: dict[str, float] = {}
-        self.changed: dict[str, float] = {}  # polling: path -> when it last changed
+        # path -> (when it was last seen to change, (inode, size, mtime) then): files that are
+        # finished once they have stood still for stable_seconds and no process has them open.
+        self.changed: dict[str, tuple[float, tuple | None]] = {}
         self.running: set[Future] = set()
         self.limit = 2 * self.workers.count  # chunks at the workers at once
         self.submit_at = 0.0
@@ -220,12 +265,16 @@ class Server:
             while not stop.is_set():
                 self._check_health()
                 moment = time.monotonic()
+                if self.paused_until:
+                    if moment < self.paused_until or not self._resume():
+                        self._take(min(1.0, max(0.0, self.paused_until - moment)), stop)
+                        continue
+                    next_sweep = moment  # everything in the dump, at once
                 if moment >= next_sweep:
                     self._sweep()
                     next_sweep = moment + self.cfg.sweep_interval
                 self._due_retries(moment)
-                if polling:
-                    self._settled(moment)
+                self._settled(moment)
                 if self.pending and (len(self.pending) >= CHUNK or moment >= self.submit_at):
                     self._submit()
                 self._take(self._timeout(next_sweep), stop)
@@ -259,7 +308,8 @@ class Server:
         if self.pending and len(self.running) < self.limit:
             deadline = min(deadline, self.submit_at)
         if self.changed:
-            deadline = min(deadline, moment + 0.2)
+            first = min(since for since, _ in self.changed.values())
+            deadline = min(deadline, max(first + self.cfg.stable_seconds, moment + 0.05))
         return max(0.0, min(deadline - moment, 1.0))
 
     def _take(self, timeout: float, stop: threading.Event | None) -> None:
@@ -274,7 +324,7 @@ class Server:
             if kind == "path":
                 self._want(value)
             elif kind == "changed":
-                self.changed[value] = time.monotonic()
+                self._note(value, time.monotonic())
             elif kind == "done":
                 self.running.discard(value)
                 try:
@@ -296,6 +346,7 @@ class Server:
     def _want(self, path: str) -> None:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
+        self.changed.pop(path, None)  # closed by its writer: finished now
         self.busy.add(path)
         if not self.pending:
             # Gather what arrives in the next moments into one chunk: one round trip to a
@@ -312,40 +363,76 @@ class Server:
             future.add_done_callback(lambda f: self.todo.put(("done", f)))
 
     def _sweep(self) -> None:
-        """Every file in the dump that is not in hand: at start-up, then every sweep_interval."""
+        """Every file in the dump that is not in hand: at start-up, then every sweep_interval.
+
+        A sweep finds files whose events were missed, but also files storescp is still
+        writing: a non-image object cut at an element boundary looks whole. So a swept file
+        goes to a worker only once it has stood still for stable_seconds and no process has
+        it open; a file that is closed meanwhile comes by its event at once.
+        """
         try:
-            with os.scandir(self.dump) as entries:
-                names = [e.path for e in entries if e.name != LOCK_NAME and not e.is_dir(follow_symlinks=False)]
+            with os.scandir(self.dump) as listing:
+                entries = [e for e in listing if e.name != LOCK_NAME and not e.is_dir(follow_symlinks=False)]
         except OSError as exc:
+            if exc.errno == errno.ENOENT:  # made anew by the next start; storescp needs it back
+                raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew") from None
             log.error("cannot list the dump %s: %s", self.dump, exc.strerror)
-            if exc.errno == errno.ENOENT:
-                self.dump.mkdir(parents=True, exist_ok=True)  # removed: storescp needs it back
             return
         waiting = {path for _, path in self.retries}
+        moment, clock = time.monotonic(), time.time()
         polling = self.cfg.observer == "polling"
-        for path in sorted(names):
-            if path in waiting or path in self.busy:
-                continue
-            if polling:
-                self.changed.setdefault(path, time.monotonic())  # finished once it proves still
-            else:
-                self._want(path)
-
-    def _settled(self, moment: float) -> None:
-        """Polling: a file is finished once it has not changed for stable_seconds."""
-        for path, changed in list(self.changed.items()):
-            if moment - changed < self.cfg.stable_seconds:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = entry.path
+            if path in waiting or path in self.busy or path in self.changed:
                 continue
             try:
-                age = time.time() - os.lstat(path).st_mtime
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                self._want(path)  # the worker says what is wrong with it
+                continue
+            # On a local disk the file's mtime and our clock agree: a file still since
+            # long enough is checked at once. Polling (NFS, SMB): the server's clock may
+            # differ, so only a file seen standing still here counts.
+            still_since = moment if polling else moment - max(0.0, clock - st.st_mtime)
+            self.changed[path] = (still_since, _signature(st))
+
+    def _note(self, path: str, moment: float) -> None:
+        """Polling: path changed just now."""
+        if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
+            return
+        try:
+            self.changed[path] = (moment, _signature(os.lstat(path)))
+        except FileNotFoundError:
+            self.changed.pop(path, None)
+        except OSError:
+            self.changed[path] = (moment, None)
+
+    def _settled(self, moment: float) -> None:
+        """Hand over each noted file that has stood still for stable_seconds and is open in no
+        process. Its stillness is measured by this machine's clock only."""
+        ready = []
+        for path, (since, signature) in list(self.changed.items()):
+            if moment - since < self.cfg.stable_seconds:
+                continue
+            try:
+                now_signature = _signature(os.lstat(path))
             except FileNotFoundError:
                 del self.changed[path]
                 continue
-            if age >= self.cfg.stable_seconds:
-                del self.changed[path]
+            except OSError:
+                now_signature = None
+            if now_signature != signature or now_signature is None:
+                self.changed[path] = (moment, now_signature)  # written since: wait again
+            else:
+                ready.append(path)
+        if not ready:
+            return
+        held = open_elsewhere(ready)
+        for path in ready:
+            if path in held:  # a writer stalled, or a copy under way: look again later
+                self.changed[path] = (moment, self.changed[path][1])
+            else:
                 self._want(path)
-            else:  # written since: wait again
-                self.changed[path] = moment
 
     def _due_retries(self, moment: float) -> None:
         while self.retries and self.retries[0][0] <= moment:
@@ -355,7 +442,15 @@ class Server:
     # -- placing ------------------------------------------------------------------------
 
     def _handle(self, results: list) -> None:
-        outcomes: list[Outcome] = self.sorter.handle(results)
+        if self.paused_until:
+            self._set_aside(results)
+            return
+        try:
+            outcomes: list[Outcome] = self.sorter.handle(results)
+        except (sqlite3.Error, OSError) as exc:
+            self._set_aside(results)
+            self._pause(exc)
+            return
         moment = time.monotonic()
         for outcome in outcomes:
             self.busy.discard(outcome.source)
@@ -366,6 +461,69 @@ class Server:
                 heapq.heappush(self.retries, (moment + wait, outcome.source))
             else:
                 self.retry_wait.pop(outcome.source, None)
+
+
+    # -- pausing ------------------------------------------------------------------------
+
+    def _pause(self, exc: BaseException) -> None:
+        """The journal (or the tree) cannot be written, most often because the disk is full.
+        Exiting would only restart into the same wall, until the supervisor gives up: wait
+        instead, and try again. The files wait in the dump; nothing is lost."""
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        log.error("sorting paused for %.0f s: %s; the files wait in the dump", self.pause, reason)
+        self.lock.note_paused(reason)
+        self.paused_until = time.monotonic() + self.pause
+        self.pause = min(self.pause * 2, PAUSE_MAX)
+
+    def _resume(self) -> bool:
+        try:
+            settled = self.sorter.restart()
+        except (sqlite3.Error, OSError) as exc:
+            self._pause(exc)
+            return False
+        log.warning("sorting again after the pause (%d interrupted steps settled)", settled)
+        self.lock.note_paused("")
+        self.paused_until, self.pause = 0.0, PAUSE_FIRST
+        self.retries.clear()  # files left for want of space may go now: all are tried at once
+        self.retry_wait.clear()
+        return True
+
+    def _set_aside(self, results: list) -> None:
+        """Results not placed: their files stay in the dump, for the sweep after the pause."""
+        self.sorter.discard(results)
+        for result in results:
+            self.busy.discard(result.source)
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def open_elsewhere(paths: list[str]) -> set[str]:
+    """Which of paths some process has open (by its /proc/PID/fd links). Processes this
+    user may not look into (another user's, unless root) are not seen; neither are other
+    machines' (a dump on NFS): for those, standing still is the only sign."""
+    wanted = {os.path.realpath(path): path for path in paths}  # /proc names the real path
+    found: set[str] = set()
+    me = os.getpid()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != me]
+    except OSError:
+        return found
+    for pid in pids:
+        folder = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{folder}/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                found.add(wanted[target])
+    return found
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -39,7 +39,10 @@ def _start_worker(job: Job, parent: int, nice: int) -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    # The parent decides when to stop: Ctrl-C reaches the whole process group, and systemd
+    # sends SIGTERM to every process of the unit; the parent finishes the files in hand.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)  # beside storescp, receiving comes first: a scanner waits on it
     quiet_pydicom()

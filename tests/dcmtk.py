@@ -89,12 +89,17 @@ class Storescp:
 class Serve:
     """`dumpwatch serve` as its own process, ready once it holds the dump's lock."""
 
-    def __init__(self, cfg: Path, wait: bool = True):
+    def __init__(self, cfg: Path, wait: bool = True, user: int | None = None, group: int | None = None,
+                 session: bool = False):
+        """user, group: run as them (the test runs as root); session: in a process group of its
+        own, as a supervisor starts it, so that a signal can reach serve and its workers."""
         self.cfg = cfg
         self.dump = Path(config_value(cfg, "dir_dump"))
         self.log = open(cfg.parent / "serve.log", "ab")
+        extra = {} if user is None else {"user": user, "group": group, "extra_groups": []}
         self.process = subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "serve"],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=session,
+                                        cwd=cfg.parent, env={**os.environ, "PYTHONPATH": str(REPO)}, **extra)
         log_file = config_value(cfg, "fname_log") if "fname_log" in cfg.read_text() else ""
         self.log_file = Path(log_file) if log_file else None
         if wait:  # it holds the lock, and its watcher runs

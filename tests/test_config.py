@@ -91,6 +91,9 @@ def test_check_config_prints_the_effective_configuration(tmp_path):
         ("template = <PixelData>/<InstanceNumber>\n", 1, "PixelData holds OB or OW data"),
         ("group = no-such-group-here\n", 1, "group: no such group on this machine"),
         ("just words\n", 1, "expected 'key = value'"),
+        # A wait of 0 s would make an idle serve spin on a whole core.
+        ("sweep_interval = 0\n", 1, "sweep_interval: 0 seconds is out of range 1..10000000"),
+        ("stable_seconds = 0\n", 1, "stable_seconds: 0 seconds is out of range 0.1..10000000"),
     ],
 )
 def test_mistakes_name_the_file_line_and_key(tmp_path, text, line, message):

@@ -56,6 +56,25 @@ def test_the_journal_is_not_world_readable(tmp_path):
     journal.close()
 
 
+def test_a_file_left_again_for_the_same_reason_keeps_one_row(tmp_path):
+    """serve tries a file it cannot read every minute: a row each time would grow forever."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        for _ in range(3):
+            journal.record([Entry("left", "/dump/MR.1", reason="Permission denied")])
+        begun = Entry("sorted", "/dump/MR.1", dest="/out/a/0001.dcm")
+        journal.begin([begun])
+        begun.reason = "Permission denied"
+        journal.finish([], [begun])  # its move failed for the same reason
+        journal.record([Entry("left", "/dump/MR.1", reason="disk full (No space left on device)"),
+                        Entry("left", "/dump/MR.2", reason="Permission denied")])
+        rows = [(r["source"], r["reason"]) for r in journal.db.execute("SELECT * FROM outcomes ORDER BY id")]
+        assert rows == [("/dump/MR.1", "Permission denied"), ("/dump/MR.1", "disk full (No space left on device)"),
+                        ("/dump/MR.2", "Permission denied")]
+    finally:
+        journal.close()
+
+
 def test_transient_errors_are_retried_with_back_off(monkeypatch):
     naps: list[float] = []
     monkeypatch.setattr(pipeline, "retrying", pipeline.retrying.copy(sleep=naps.append))

@@ -283,6 +283,7 @@ def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
+    storescp_pattern = f"--aetitle DUMPWATCH --output-directory {site.parent / 'dump'}"
     try:
         port = int(read_config(site).port)
         serve_pid = wait_for(lambda: _lock_pid(site), 30, "serve to start under supervisord")
@@ -295,6 +296,7 @@ def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
         wait_for(lambda: _lock_pid(site) not in (None, serve_pid), 30, "serve restarted")
         storescu(port, data_files(testdata / FIELDMAP)[10:20], tmp_path)
         wait_for(lambda: settled(site, 20), 30, "files sorted after the restart")
+        assert subprocess.run(["pgrep", "-f", "--", storescp_pattern], capture_output=True).returncode == 0
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
@@ -302,14 +304,14 @@ def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
     log = "".join(output)
     assert "stopped: dumpwatch (exit status 0)" in log, log
     assert "stopped: storescp (terminated by SIGTERM)" in log, log
-    assert subprocess.run(["pgrep", "-f", "--", f"--aetitle DUMPWATCH --output-directory {site.parent / 'dump'}"],
-                          capture_output=True).returncode == 1, "storescp left running"
+    assert subprocess.run(["pgrep", "-f", "--", storescp_pattern], capture_output=True).returncode == 1, \
+        "storescp left running"
 
 
-def _lock_pid(site: Path) -> int | None:
+def _lock_pid(site: Path, dump: Path | None = None) -> int | None:
     from dumpwatch.watcher import read_lock
 
-    holder = read_lock(site.parent / "dump")
+    holder = read_lock(dump or site.parent / "dump")
     return holder.pid if holder else None
 
 
@@ -372,3 +374,210 @@ def test_serve_exits_for_the_supervisor_when_the_dump_is_removed(site):
     again = Serve(site)  # as the supervisor restarts it: the dump is made again
     assert dump.is_dir()
     assert again.stop() == 0
+
+
+PHYSIO = "nonimage/physio_siemens/samplePhysioCMRR.dcm"
+
+
+def test_a_sweep_never_hands_over_a_file_still_being_written(tmp_path, testdata):
+    """A non-image object cut at an element boundary looks whole. While its writer holds it
+    open, or has just written to it, the sweeps leave it alone; closed, it is sorted whole."""
+    cfg = write_config(tmp_path / "site", sweep_interval=1, stable_seconds=0.5)
+    data = (testdata / PHYSIO).read_bytes()
+    cut = data.find(b"\xe1\x7f\x10\x10")  # the private (7FE1,1010) element: 368 KB of samples
+    assert 0 < cut < len(data)
+    dump = tmp_path / "site" / "dump"
+    dump.mkdir(parents=True)
+    with open(dump / "MR.physio", "wb") as writer:  # storescp, with the sender stalled mid-file
+        writer.write(data[:cut])
+        writer.flush()
+        os.utime(dump / "MR.physio", (time.time() - 600, time.time() - 600))  # still for long
+        serve = Serve(cfg)
+        time.sleep(3)  # the start sweep and two more have passed
+        held = dump_files(cfg) == ["MR.physio"] and not tree_of(tmp_path / "site" / "sorted")
+        writer.write(data[cut:])  # the sender goes on
+    try:
+        assert held, "a file still open for writing was taken from the dump"
+        wait_for(lambda: settled(cfg, 1), 20, "the finished file sorted")
+        [placed] = (tmp_path / "site" / "sorted").rglob("*.dcm")
+        assert placed.read_bytes() == data
+    finally:
+        assert serve.stop() == 0
+
+
+def test_sort_once_leaves_a_dump_that_serve_watches_alone(tmp_path, template_file):
+    cfg = write_config(tmp_path / "site", dir_dump="incoming/dump")
+    serve = Serve(cfg)
+    try:
+        dump = tmp_path / "site" / "incoming" / "dump"
+        result = run_process("--config", str(cfg), "sort-once", str(dump))
+        assert result.returncode == 2
+        assert f"dumpwatch serve is watching {dump} (pid {serve.process.pid} on " in result.stderr
+        make_dicom(tmp_path / "site" / "incoming" / "old" / "MR.1", template_file)  # an old dump beside it
+        result = run_process("--config", str(cfg), "sort-once", str(tmp_path / "site" / "incoming"))
+        assert result.returncode == 3, result.stdout + result.stderr
+        assert f"skipped {dump}: dumpwatch serve is watching it and sorts it itself" in result.stdout
+        assert "sorted            1" in result.stdout
+        assert not (tmp_path / "site" / "quarantine").exists()  # its lock was not taken for a bad file
+        assert _lock_pid(cfg, dump) == serve.process.pid
+    finally:
+        assert serve.stop() == 0
+    # With no serve running, the lock file left behind is no file to sort.
+    result = run_process("--config", str(cfg), "sort-once", str(dump))
+    assert result.returncode == 0 and "0 files" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_symlink_planted_as_the_lock_is_never_followed(site, template_file):
+    victim = make_dicom(site.parent / "sorted-elsewhere" / "0001.dcm", template_file)
+    before = victim.read_bytes()
+    (site.parent / "dump").mkdir()
+    os.symlink(victim, site.parent / "dump" / ".dumpwatch.lock")
+    serve = Serve(site, wait=False)
+    assert serve.process.wait(timeout=30) == 1
+    serve.log.close()
+    assert "is a symlink, not dumpwatch's lock; remove it" in serve.output()
+    assert victim.read_bytes() == before
+
+
+def test_sigterm_to_every_process_mid_batch_finishes_cleanly(site, testdata, tmp_path):
+    """systemd's default stop signals the whole unit, workers too: serve must still finish the
+    batch in hand and exit 0, and the files not yet sorted wait in the dump."""
+    inputs = copy_testdata(testdata, tmp_path / "incoming")
+    dump = site.parent / "dump"
+    dump.mkdir()
+    for number, path in enumerate(inputs):
+        os.rename(path, dump / f"MR.{number:04d}")
+    serve = Serve(site, session=True)
+    wait_for(lambda: tree_of(site.parent / "sorted"), 60, "the first files sorted")
+    os.killpg(serve.process.pid, signal.SIGTERM)
+    assert serve.process.wait(timeout=60) == 0, serve.output()
+    serve.log.close()
+    assert "worker process died" not in serve.output()
+    waiting = dump_files(site)
+    assert waiting, "stopped only after the last file: not mid-batch"
+    assert journal(site, "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
+    assert len(tree_of(site.parent / "sorted")) + len(waiting) == len(inputs)
+    expected = reference(testdata, tmp_path)
+    serve = Serve(site)
+    try:
+        wait_for(lambda: settled(site, len(expected)), 60, "the rest sorted after the restart")
+        assert uids(site.parent / "sorted") == expected
+    finally:
+        assert serve.stop() == 0
+
+
+def test_a_file_that_cannot_be_removed_never_stops_serve(template_file):
+    """A dump shared with the sticky bit: serve, as one user, cannot remove another user's
+    file. It says so, once in the journal however often it tries, and goes on."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as two users")
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="dumpwatch-sticky-"))  # tmp_path is root's alone
+    try:
+        os.chmod(base, 0o755)
+        cfg = write_config(base, sweep_interval=1)
+        dump = base / "dump"
+        dump.mkdir(mode=0o1777)
+        os.chmod(dump, 0o1777)
+        for name in ("sorted", "quarantine"):
+            (base / name).mkdir()
+            os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+        os.chown(base, nobody.pw_uid, nobody.pw_gid)  # serve's log beside its config
+        os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+        serve = Serve(cfg, user=nobody.pw_uid, group=nobody.pw_gid)
+        try:
+            original = make_dicom(base / "MR.1", template_file)
+            os.chown(original, nobody.pw_uid, nobody.pw_gid)
+            os.rename(original, dump / "MR.1")
+            os.utime(dump / "MR.1")
+            wait_for(lambda: settled(cfg, 1), 30, "nobody's own file sorted")
+            shutil.copyfile(base / "sorted" / "20210715-phantom" / "002-gre_field_magph" / "0001.dcm",
+                            dump / "MR.1-again")  # root's, identical: a duplicate it cannot remove
+            os.chmod(dump / "MR.1-again", 0o644)
+            reason = "cannot be removed from here: Operation not permitted"
+            wait_for(lambda: reason in serve.output(), 30, "the problem reported")
+            time.sleep(4)  # tried again and again meanwhile
+            assert serve.process.poll() is None, serve.output()
+            rows = journal(cfg, "SELECT outcome, reason FROM outcomes WHERE name = 'MR.1-again'")
+            assert len(rows) == 1 and rows[0][0] == "left" and reason in rows[0][1], rows
+            assert "in the tree at " in rows[0][1]
+            assert dump_files(cfg) == ["MR.1-again"]
+            assert len(tree_of(base / "sorted")) == 1
+        finally:
+            assert serve.stop() == 0
+        again = Serve(cfg, user=nobody.pw_uid, group=nobody.pw_gid)  # a restart is not stopped by it either
+        assert again.stop() == 0
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_full_disk_pauses_sorting_and_nothing_is_lost(tmp_path, testdata):
+    """The tree's disk fills up while serve runs: it must wait for space, not exit (under a
+    supervisor, exits at every start end in giving up), and sort everything once space is back."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = write_config(tmp_path / "site", dir_out=small / "sorted")
+        serve = Serve(cfg)
+        try:
+            filler = small / "filler"
+            with open(filler, "wb") as fill:
+                try:
+                    while True:
+                        fill.write(b"\0" * 65536)
+                        fill.flush()
+                except OSError:
+                    pass
+            inputs = copy_testdata(testdata, tmp_path / "incoming", "siemens_fieldmap")
+            dump = tmp_path / "site" / "dump"
+            for number, path in enumerate(inputs):
+                shutil_copy(path, dump / f"MR.{number:04d}")  # closed in the dump: events
+            wait_for(lambda: "No space left on device" in serve.output()
+                     or "database or disk is full" in serve.output(), 60, "the full disk noticed")
+            time.sleep(2)
+            assert serve.process.poll() is None, serve.output()
+            assert not (tmp_path / "site" / "quarantine").exists()  # a full disk is not bad input
+            filler.unlink()  # space again
+            wait_for(lambda: len(tree_of(small / "sorted")) == len(inputs) and not dump_files(cfg), 120,
+                     "everything sorted once there was space")
+            assert uids(small / "sorted") == reference(testdata, tmp_path, "siemens_fieldmap")
+            assert journal_at(small / "sorted", "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
+        finally:
+            assert serve.stop() == 0, serve.output()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def shutil_copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        writer.write(reader.read())
+
+
+def journal_at(tree: Path, sql: str) -> list:
+    db = sqlite3.connect(tree / ".dumpwatch" / "journal.sqlite3")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_polling_ignores_a_file_server_clock_that_runs_ahead(site, template_file):
+    """On NFS a file's times come from the server's clock: stillness is timed by ours alone."""
+    cfg = write_config(site.parent, observer="polling", stable_seconds=1)
+    future = time.time() + 3600
+    path = make_dicom(site.parent / "dump" / "MR.1", template_file)
+    os.utime(path, (future, future))
+    result = run_process("--config", str(cfg), "status", "--json")
+    assert any("dated 3600 s in the future" in p or "dated 3599 s in the future" in p
+               for p in json.loads(result.stdout)["problems"]), result.stdout
+    serve = Serve(cfg)
+    try:
+        wait_for(lambda: settled(cfg, 1), 15, "the file sorted despite its date")
+    finally:
+        assert serve.stop() == 0
