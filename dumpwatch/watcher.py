@@ -375,7 +375,8 @@ class Server:
                 entries = [e for e in listing if e.name != LOCK_NAME and not e.is_dir(follow_symlinks=False)]
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # made anew by the next start; storescp needs it back
-                raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew") from None
+                raise ServeFailed(
+                    f"the dump {self.dump} was removed or replaced; starting again makes it anew") from None
             log.error("cannot list the dump %s: %s", self.dump, exc.strerror)
             return
         waiting = {path for _, path in self.retries}
