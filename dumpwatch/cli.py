@@ -19,7 +19,9 @@ from dumpwatch import __version__
 from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
+from dumpwatch.keys import load_key
 from dumpwatch.pipeline import Outcome
+from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
 from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
@@ -231,6 +233,34 @@ def config_value(options: Options, keys: tuple[str, ...]) -> None:
         click.echo(text)
 
 
+@cli.command("check-rules")
+@click.pass_obj
+def check_rules(options: Options) -> None:
+    """Check every rule layer in rules_dir and the configured anon_profile; print what the
+    profile does. Exit status 1 on the first mistake, named by file, line and key."""
+    cfg = _config(options)
+    rules_dir = cfg.rules_dir or RULES_DIR
+    try:
+        layers = [load_layer(path) for path in sorted(rules_dir.glob("*.toml"))]
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    for layer in layers:
+        private = len(layer.private) + (layer.private_default is not None)
+        click.echo(f"ok  {layer.path.name:<32} {len(layer.actions) + len(layer.masks):>4} rules"
+                   f"{f', {private} private' if private else ''}  {layer.title}")
+    profile = cfg.profile
+    if profile is None:
+        click.echo("anon_profile is not set: no anonymisation" + (" (anon_fields empties "
+                   f"{len(cfg.anon_fields)} elements)" if cfg.anon_fields else ""))
+        return
+    click.echo(f"anon_profile = {profile.description}: {len(profile.actions) + len(profile.masks)} element rules, "
+               f"private elements: {profile.private_default}, {len(profile.private)} by creator")
+    for code, title in profile.applied:
+        click.echo(f"  fully applied: {code} {title}")
+    if not any(code == "113100" for code, _ in profile.applied):
+        click.echo("  note: the Basic Profile is not fully applied (a layer keeps what it removes)")
+
+
 @cli.command("check-config")
 @click.pass_obj
 def check_config(options: Options) -> None:
@@ -263,7 +293,13 @@ def where(options: Options, term: str, out: Path | None) -> None:
     path = cfg.journal_path
     if path is None or not path.exists():
         raise click.ClickException(f"no journal at {path}" if path else "no journal: set dir_out or journal")
-    journal = Journal(path)
+    key = None
+    if cfg.profile is not None and cfg.anon_key_path is not None and cfg.anon_key_path.exists():
+        try:
+            key = load_key(cfg.anon_key_path)  # the journal names files by keyed tokens
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    journal = Journal(path, key=key)
     try:
         rows = journal.find(term)
     finally:

@@ -14,7 +14,9 @@ from pathlib import Path
 from pydicom.datadict import keyword_dict
 
 from dumpwatch.errors import ConfigError
+from dumpwatch.keys import load_subjects
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
+from dumpwatch.rules import RULES_DIR, Profile, find_layer, load_profile
 
 ENV_VAR = "DUMPWATCH_CONFIG"
 DEFAULT_FILE = "dumpwatch.cfg"
@@ -101,6 +103,19 @@ def _observer(text: str) -> str:
     return text.lower()
 
 
+def _burned_in(text: str) -> str:
+    if text.lower() not in ("quarantine", "allow"):
+        raise ValueError(f"quarantine (the default) or allow: {text!r}")
+    return text.lower()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("name at least one rule layer, e.g. basic")
+    return names
+
+
 def _workers(text: str) -> int:
     if text.lower() == "auto":
         return 0
@@ -146,6 +161,13 @@ KEYS: dict[str, Key] = {
                           "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
     "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
     "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
+    "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
+    "rules_dir": Key(str, "rules/ beside dumpwatch", "where anon_profile finds layers by name", kind="path"),
+    "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "
+                    "date shifts; made (mode 0600) on first use", kind="path"),
+    "anon_subjects": Key(str, "(none: pseudonyms from the key)", "CSV of PatientID or PatientName -> subject code",
+                         kind="path", blank_ok=True),
+    "anon_burned_in": Key(_burned_in, "quarantine", "files whose BurnedInAnnotation is YES: quarantine or allow"),
 }
 
 
@@ -181,6 +203,13 @@ class Config:
     stable_seconds: float = 2.0
     sweep_interval: float = 60.0
     backlog_alarm: float = 300.0
+    anon_profile: tuple[str, ...] = ()
+    rules_dir: Path | None = None
+    anon_key: Path | None = None
+    anon_subjects: Path | None = None
+    anon_burned_in: str = "quarantine"
+    profile: Profile | None = None  # anon_profile's layers, compiled
+    subjects: dict[str, str] | None = None  # anon_subjects, read
     anon_fields: tuple[int, ...] = ()
     unused: tuple[str, ...] = ()  # legacy keys that were given and are ignored
     explicit: frozenset[str] = frozenset()  # keys the file set
@@ -209,6 +238,12 @@ class Config:
         return None if self.state_dir is None else self.state_dir / "journal.sqlite3"
 
     @property
+    def anon_key_path(self) -> Path | None:
+        if self.anon_key is not None:
+            return self.anon_key
+        return None if self.state_dir is None else self.state_dir / "anon.key"
+
+    @property
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
@@ -224,6 +259,12 @@ class Config:
                 value = self.quarantine_dir
             elif key == "journal":
                 value = self.journal_path
+            elif key == "anon_key":
+                value = self.anon_key_path
+            elif key == "rules_dir":
+                value = self.rules_dir or RULES_DIR
+            elif key == "anon_profile":
+                value = ", ".join(value) if value else None
             if key in ("file_mode", "dir_mode"):
                 shown = f"{value:04o}"
             elif key == "workers":
@@ -389,11 +430,25 @@ def read_config(path: Path) -> Config:
         values[key] = parsed
 
     explicit = frozenset(values) | (frozenset(["anon_fields"]) if "anon_fields" in seen else frozenset())
+    anon_fields = tuple(dict.fromkeys(anon))
+    profile = subjects = None
+    if "anon_profile" in values:
+        names = values["anon_profile"]
+        rules_dir = values.get("rules_dir") or RULES_DIR
+        for name in names:  # type: ignore[union-attr]
+            if not find_layer(name, rules_dir, base).is_file():  # type: ignore[arg-type]
+                raise ConfigError(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
+                                  path, seen["anon_profile"], "anon_profile")
+        profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
+    if values.get("anon_subjects"):
+        subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
     cfg = Config(
         path=path,
-        anon_fields=tuple(dict.fromkeys(anon)),
+        anon_fields=anon_fields,
         unused=tuple(unused),
         explicit=explicit,
+        profile=profile,
+        subjects=subjects,
         **values,  # type: ignore[arg-type]
     )
     check_layout(cfg)

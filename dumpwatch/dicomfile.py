@@ -58,6 +58,7 @@ class DicomFile:
     tail: int  # where the full header read stopped (the pixel data element), 0 after a walk
     data: bytes | None  # the whole file when it is small enough to hold in memory
     complete_header: bool  # ds holds every header element (else only those asked for)
+    trailing: bool = False  # elements follow the pixel data (a digital signature, padding)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -67,7 +68,17 @@ class DicomFile:
     def full_header(self) -> Dataset:
         """The whole header, parsed by pydicom (read again if only a part was asked for)."""
         if not self.complete_header:
-            self.ds, self.tail = _parse_header(self._stream(), self.size)
+            with self._stream() as stream:
+                self.ds, self.tail = _parse_header(stream, self.size)
+            self.complete_header = True
+        return self.ds
+
+    def whole(self) -> Dataset:
+        """Every element, pixel data included: for a rewrite that cannot copy the tail as is."""
+        if self.tail < self.size:
+            with self._stream() as stream:
+                self.ds = dcmread(stream)
+            self.tail = self.size
             self.complete_header = True
         return self.ds
 
@@ -140,8 +151,8 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             stream = io.BytesIO(data) if data is not None else open(os.dup(fd), "rb", buffering=1 << 20)
             with stream:
                 ds, tail = _parse_header(stream, size)
-            check_complete(ds, size, buffer)
-            return DicomFile(path, fd, st, size, digest, ds, tail, data, True)
+            trailing = check_complete(ds, size, buffer)
+            return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing)
         finally:
             if isinstance(buffer, mmap.mmap):
                 buffer.close()
@@ -244,13 +255,16 @@ def _check_object(file_meta: Dataset, seen: set[int], ds: Dataset) -> None:
         raise Incomplete("MR Spectroscopy Storage without SpectroscopyData: the file ends early")
 
 
-def check_complete(ds: Dataset, size: int, buffer) -> None:
-    """After pydicom's read: walk on from the last element it parsed to the end of the file."""
+def check_complete(ds: Dataset, size: int, buffer) -> bool:
+    """After pydicom's read: walk on from the last element it parsed to the end of the file.
+
+    Returns True if elements other than the pixel data follow the header.
+    """
     if not len(ds):
         raise Incomplete("no data set after the file meta information")
     if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
         _check_deflated(ds, size, buffer)
-        return
+        return False
     implicit, little = ds.original_encoding
     last = ds.get_item(next(reversed(ds.keys())))
     value_at = getattr(last, "value_tell", None)
@@ -263,6 +277,7 @@ def check_complete(ds: Dataset, size: int, buffer) -> None:
     except _Unexpected:
         raise Rejected("damaged element structure after the header") from None
     _check_object(ds.file_meta, seen | set(ds.keys()), ds)
+    return bool(seen - set(ds.keys()) - _PIXEL_TAGS)
 
 
 class _Walker:

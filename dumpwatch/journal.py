@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dumpwatch.keys import name_token, new_uid, path_token
+
 OUTCOMES = ("sorted", "duplicate", "quarantined", "left", "renamed")
 
 _SCHEMA = """
@@ -58,7 +60,9 @@ def now() -> str:
 FIND_SQL = (
     "SELECT * FROM outcomes WHERE id IN ("
     " SELECT id FROM outcomes WHERE name = :name"
+    " UNION SELECT id FROM outcomes WHERE name = :token"
     " UNION SELECT id FROM outcomes WHERE sop_uid = :term"
+    " UNION SELECT id FROM outcomes WHERE sop_uid = :uid"
     " UNION SELECT id FROM outcomes WHERE sha256 = :lower"
     " UNION SELECT id FROM outcomes WHERE dest = :term"
     " UNION SELECT id FROM outcomes WHERE dest = :absolute"
@@ -83,7 +87,11 @@ class Entry:
 class Journal:
     """Append-mostly SQLite log. Survives kill -9 (WAL); answers look-ups by index."""
 
-    def __init__(self, path: Path, mode: int = 0o660):
+    def __init__(self, path: Path, mode: int = 0o660, key: bytes | None = None):
+        """key: the anonymisation secret, when anonymising: the journal then names received
+        files by keyed tokens (keys.path_token, keys.name_token), never by their own names,
+        which hold original UIDs or patients' names; `where` finds them with the same key."""
+        self.key = key
         path.parent.mkdir(parents=True, exist_ok=True)
         # The journal names patients' files: never world-readable. SQLite gives its -wal and
         # -shm files the database file's mode, so the file is made first, with that mode.
@@ -127,13 +135,12 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(first + number, stamp, e.outcome, done, int(e.kept), _text(e.source),
-                  _text(os.path.basename(e.source)) if e.source else None, e.sop_uid, e.series_uid, e.sha256,
-                  e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
+                [(first + number, stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid, e.series_uid,
+                  e.sha256, e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
             )
             for number, entry in enumerate(entries):
                 entry.id = first + number
-            _drop_repeats(db, [e for e in entries if e.outcome == "left"])
+            self._drop_repeats(db, [e for e in entries if e.outcome == "left"])
 
     def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
         """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""
@@ -152,7 +159,27 @@ class Journal:
                 "UPDATE outcomes SET done = 1, time = ?, outcome = 'left', dest = NULL, reason = ? WHERE id = ?",
                 [(stamp, _text(e.reason), e.id) for e in undone],
             )
-            _drop_repeats(db, undone)
+            self._drop_repeats(db, undone)
+
+    def _source(self, entry: Entry) -> tuple[str | None, str | None]:
+        """(source, name) as the journal stores them."""
+        if not entry.source:
+            return None, None
+        if self.key is not None and entry.outcome != "renamed":  # a rename's source is in the tree
+            return path_token(self.key, entry.source), name_token(self.key, os.path.basename(entry.source))
+        return _text(entry.source), _text(os.path.basename(entry.source))
+
+    def _drop_repeats(self, db: sqlite3.Connection, left: list[Entry]) -> None:
+        """A file left in place for the same reason as last time keeps one row, the newest: a
+        file that cannot be read is tried every minute, and a row each time would grow without end."""
+        rows = []
+        for entry in left:
+            if entry.source and entry.id is not None:
+                source, name = self._source(entry)
+                rows.append((name, source, _text(entry.reason), entry.id))
+        db.executemany(
+            "DELETE FROM outcomes WHERE name = ? AND source = ? AND outcome = 'left' AND done = 1"
+            " AND reason IS ? AND id < ?", rows)
 
     def forget(self, ids: Iterable[int]) -> None:
         """Drop rows of moves that never started (found by recovery)."""
@@ -163,27 +190,19 @@ class Journal:
         return self.db.execute("SELECT * FROM outcomes WHERE done = 0 ORDER BY id").fetchall()
 
     def find(self, term: str, limit: int = 200) -> list[sqlite3.Row]:
-        """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path."""
+        """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path.
+        With the anonymisation key, also by its original name or SOPInstanceUID."""
         term = printable(term)
         name = os.path.basename(term.rstrip("/"))
-        return self.db.execute(
-            FIND_SQL,
-            {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term), "limit": limit},
-        ).fetchall()
+        values = {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term),
+                  "limit": limit, "token": name, "uid": term}
+        if self.key is not None:
+            values["token"] = name_token(self.key, name)
+            values["uid"] = new_uid(self.key, term)
+        return self.db.execute(FIND_SQL, values).fetchall()
 
     def _transaction(self):
         return _Transaction(self.db)
-
-
-def _drop_repeats(db: sqlite3.Connection, left: list[Entry]) -> None:
-    """A file left in place for the same reason as last time keeps one row, the newest: a file
-    that cannot be read is tried every minute, and a row each time would grow without end."""
-    db.executemany(
-        "DELETE FROM outcomes WHERE name = ? AND source = ? AND outcome = 'left' AND done = 1"
-        " AND reason IS ? AND id < ?",
-        [(_text(os.path.basename(e.source)), _text(e.source), _text(e.reason), e.id)
-         for e in left if e.source and e.id is not None],
-    )
 
 
 class _Transaction:

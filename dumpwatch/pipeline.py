@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmwrite
-from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from dumpwatch import failpoints
-from dumpwatch.anonymise import empty_fields
+from dumpwatch import failpoints, keys
+from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
@@ -38,6 +38,7 @@ from dumpwatch.fsops import (
     write_new,
 )
 from dumpwatch.journal import Entry, Journal, now, printable
+from dumpwatch.keys import load_key
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
 from dumpwatch.tree import Decision, Tree
 
@@ -51,11 +52,19 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT
 
 
+def _before_sleep(state: RetryCallState) -> None:
+    # The error's reason only: an OSError's text names the file, and a file's name may hold
+    # what anonymising removes.
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("retrying in %.1f s after: %s", wait, os_reason(exc) if isinstance(exc, OSError) else exc)
+
+
 retrying = Retrying(
     retry=retry_if_exception(is_transient),
     stop=stop_after_attempt(5),
     wait=wait_exponential(multiplier=0.2, max=5),
-    before_sleep=before_sleep_log(log, logging.WARNING),
+    before_sleep=_before_sleep,
     reraise=True,
 )
 
@@ -70,7 +79,7 @@ def retry_transient(call, *args):
     except OSError as exc:
         if not is_transient(exc):
             raise
-        log.warning("retrying after %s", exc)
+        log.warning("retrying after: %s", os_reason(exc))
         return retrying(call, *args)
 
 
@@ -89,7 +98,8 @@ class Job:
     template: Template
     wanted: frozenset[int] | None  # header tags to read; None: all (to anonymise)
     reserved: frozenset[str]
-    anon_fields: tuple[int, ...]
+    anon_fields: tuple[int, ...]  # DcmServer's list, when no profile is set
+    anonymiser: Anonymiser | None
     file_mode: int
     gid: int | None
     staging: str | None  # folder on dir_out's filesystem for files dumpwatch writes itself
@@ -97,6 +107,13 @@ class Job:
     copy: bool
     dry_run: bool
     incomplete_timeout: float
+
+    def shown(self, path: str | None) -> str | None:
+        """A received file's path as the log shows it: when anonymising, a keyed token (its
+        name holds its original SOPInstanceUID, or a patient's name)."""
+        if path is None or self.anonymiser is None:
+            return path
+        return keys.path_token(self.anonymiser.key, path)
 
 
 @dataclass
@@ -173,7 +190,7 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
     except Exception as exc:
         # A file damaged in a way no reader expects (sequences nested thousands deep, a broken
         # zlib stream): a reason for the quarantine, never a crash on every run.
-        log.warning("cannot read %s", path, exc_info=True)
+        log.warning("cannot read %s", job.shown(path), exc_info=True)
         return Failed(path, "quarantine", f"unreadable file: {type(exc).__name__}: {str(exc)[:150]}")
     try:
         failpoints.hit("read")
@@ -183,7 +200,7 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
     except OSError as exc:
         return Failed(path, "left", os_reason(exc), dicom.sha256)
     except Exception as exc:
-        log.exception("bug while sorting %s", path)
+        log.exception("bug while sorting %s", job.shown(path))
         return Failed(path, "quarantine", f"internal error: {exc!r}", dicom.sha256)
     finally:
         dicom.close()
@@ -210,17 +227,29 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     series_uid = (header_text(ds, "SeriesInstanceUID") or "").strip(" \0")
     if "InstanceNumber" in job.template.keywords and not _positive(header_text(ds, "InstanceNumber")):
         ds = dicom.full_header()  # the number is nested somewhere (Philips): search all of it
-    changed = empty_fields(ds, job.anon_fields)  # before naming: a path never holds a removed value
+    # Anonymise before naming: a path never holds a value that anonymising removed.
+    header = None
+    if job.anonymiser is not None:
+        if dicom.trailing:  # elements after the pixel data are anonymised too: read it all
+            ds = dicom.whole()
+        found = job.anonymiser.apply(ds)
+        sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")  # the journal never
+        series_uid = (header_text(ds, "SeriesInstanceUID") or "").strip(" \0")  # holds the originals
+        header = _encode_header(dicom)
+        leaked = leak(header, found.needles)  # the pixel data is copied as it came
+        if leaked:
+            raise Rejected(f"leak check: the original value of {leaked} is still in the anonymised file")
+    elif empty_fields(ds, job.anon_fields):
+        header = _encode_header(dicom)
     name = friendly_name(ds, job.template, job.reserved)
     prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
                         dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name)
     if job.dry_run:
-        if changed:
-            header = _encode_header(dicom)
+        if header is not None:
             prepared.out_sha256, prepared.size = _digest_of(dicom, header)
         return prepared
-    if changed or job.copy or dicom.st.st_dev != job.out_device:
-        _stage(dicom, prepared, _encode_header(dicom) if changed else None, job)
+    if header is not None or job.copy or dicom.st.st_dev != job.out_device:
+        _stage(dicom, prepared, header, job)
     else:
         # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk
         # yet, and must be before it has a name in the tree; the sorter syncs once per batch.
@@ -318,15 +347,21 @@ class Sorter:
             # The journal and staged copies name patients' files: the group may read, no one else.
             make_folder(self.staging, cfg.dir_mode & 0o2770, cfg.group)
             self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        anonymiser = None
+        if cfg.profile is not None:
+            key = _anonymisation_key(cfg, dry_run)
+            anonymiser = Anonymiser(cfg.profile, key, cfg.subjects, cfg.anon_burned_in == "allow")
+        if not dry_run:
             journal_path = cfg.journal_path
             assert journal_path is not None
-            self.journal = Journal(journal_path)
+            self.journal = Journal(journal_path, key=anonymiser.key if anonymiser else None)
         self.quarantine_id = _folder_id(str(cfg.quarantine_dir / "x")) if cfg.quarantine_dir else None
         self.job = Job(
             template=cfg.template,
-            wanted=None if cfg.anon_fields else naming_tags(cfg.template),
+            wanted=None if (cfg.anon_fields or anonymiser) else naming_tags(cfg.template),
             reserved=_reserved_names(cfg),
             anon_fields=cfg.anon_fields,
+            anonymiser=anonymiser,
             file_mode=cfg.file_mode,
             gid=cfg.group,
             staging=None if dry_run else str(self.staging),
@@ -379,10 +414,10 @@ class Sorter:
                 elif item.action == "left":
                     left.append(Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=item.reason))
                     outcomes.append(Outcome(item.source, "left", item.reason))
-                    log.warning("left %s in place: %s", item.source, item.reason)
+                    log.warning("left %s in place: %s", self.job.shown(item.source), item.reason)
                 else:
                     outcomes.append(Outcome(item.source, "gone", item.reason))
-                    log.info("%s %s", item.source, item.reason)
+                    log.info("%s %s", self.job.shown(item.source), item.reason)
             if left and self.journal is not None:
                 self.journal.record(left)
         return outcomes
@@ -429,7 +464,7 @@ class Sorter:
                 created = self._apply(plan)
             except (OSError, Rejected, _NotPlaced) as exc:
                 outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc))
-                log.error("%s %s: not placed at %s: %s", outcome, item.source, plan.entry.dest, reason)
+                log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
                 undone.append((plan, outcome, reason))
@@ -463,7 +498,7 @@ class Sorter:
                         # In the tree, yet still in the dump (a dump shared with the sticky bit,
                         # a file of another user): say so and go on; a person must remove it.
                         reason = f"in the tree at {plan.entry.dest}, but it cannot be removed from here: {problem}"
-                        log.error("%s: %s", item.source, reason)
+                        log.error("%s: %s", self.job.shown(item.source), reason)
                         stuck.append(Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason))
                         if decision.outcome == "duplicate" or decision.already:
                             forgotten.append(plan.entry.id)  # nothing new happened to it
@@ -473,7 +508,7 @@ class Sorter:
                     _remove(item.source + ".reason.txt")  # sorted out of the quarantine: its reason is moot
             outcomes.append(Outcome(item.source, decision.outcome, plan.entry.dest or ""))
             finished.append(plan.entry)
-            log.info("%s %s -> %s", decision.outcome, item.source, plan.entry.dest)
+            log.info("%s %s -> %s", decision.outcome, self.job.shown(item.source), plan.entry.dest)
         failpoints.hit("sources-removed")
         finished += [e for p in plans for e in p.renames]  # those not carried out were forgotten above
         gone = [plan.entry.id for plan, outcome, _ in undone if outcome == "gone"]
@@ -526,7 +561,8 @@ class Sorter:
                 err = ctypes.get_errno()
                 if err not in (errno.ENOSYS, errno.EINVAL):
                     reason = f"cannot write it to disk: {os.strerror(err)}"
-                    log.error("syncing the filesystem of %s failed: %s", group[0].source, os.strerror(err))
+                    log.error("syncing the filesystem of %s failed: %s", os.path.dirname(group[0].source),
+                              os.strerror(err))
                     failed.update((item.source, ("left", reason)) for item in group)
                     continue
             for item in group:  # no syncfs: one file at a time
@@ -621,7 +657,10 @@ class Sorter:
         try:
             if item.sha256 is None and stat.S_ISREG(st.st_mode):
                 item.sha256 = _sha256(item.source)
-            name, reason_fd = _quarantine_slot(qfd, _quarantine_base(item.source), item.sha256, st)
+            base = _quarantine_base(item.source)
+            if self.job.anonymiser is not None and _folder_id(item.source) != self.quarantine_id:
+                base = keys.name_token(self.job.anonymiser.key, base)  # the journal names it
+            name, reason_fd = _quarantine_slot(qfd, base, item.sha256, st)
             failpoints.hit("quarantine-slot")
             dest = str(qdir / name)
             entry = Entry("quarantined", item.source, item.sop_uid, sha256=item.sha256, dest=dest,
@@ -633,7 +672,7 @@ class Sorter:
                 if not self.copy:
                     os.unlink(item.source)
                 self.journal.record([entry])
-                log.warning("%s is already quarantined as %s: %s", item.source, dest, item.reason)
+                log.warning("%s is already quarantined as %s: %s", self.job.shown(item.source), dest, item.reason)
                 return Outcome(item.source, "quarantined", item.reason)
             try:
                 self.journal.begin([entry])
@@ -652,7 +691,7 @@ class Sorter:
                 else:
                     self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256,
                                                reason=entry.reason)])
-                log.error("left %s in place: %s", item.source, entry.reason)
+                log.error("left %s in place: %s", self.job.shown(item.source), entry.reason)
                 return Outcome(item.source, "left", entry.reason)
             finally:
                 os.close(reason_fd)
@@ -661,11 +700,11 @@ class Sorter:
             return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
         finally:
             os.close(qfd)
-        log.warning("quarantined %s: %s", item.source, item.reason)
+        log.warning("quarantined %s: %s", self.job.shown(item.source), item.reason)
         return Outcome(item.source, "quarantined", item.reason)
 
     def _left(self, item: Failed, reason: str) -> Outcome:
-        log.error("left %s in place: %s", item.source, reason)
+        log.error("left %s in place: %s", self.job.shown(item.source), reason)
         if self.journal is not None:
             self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason)])
         return Outcome(item.source, "left", reason)
@@ -892,6 +931,17 @@ def _remove_at(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+def _anonymisation_key(cfg: Config, dry_run: bool) -> bytes:
+    """The site's secret; a dry run never makes one (it changes nothing), so it borrows a
+    passing key if there is none yet: its new UIDs and pseudonyms are then not the real ones."""
+    path = cfg.anon_key_path
+    assert path is not None
+    if dry_run and not path.exists():
+        log.warning("no anonymisation key at %s yet: this dry run shows pseudonyms of a passing key", path)
+        return os.urandom(32)
+    return load_key(path)
 
 
 def _reserved_names(cfg: Config) -> frozenset[str]:
