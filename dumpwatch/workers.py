@@ -101,6 +101,14 @@ class Workers:
 
     def close(self) -> None:
         if self.pool is not None:
+            if self.broken:
+                # A worker died: the executor ends the others with SIGTERM, which workers
+                # ignore (the parent decides when they stop). They hold nothing that needs
+                # a clean end (their staged copies are removed at the next start): kill them.
+                processes = getattr(self.pool, "_processes", None) or {}
+                for process in list(processes.values()):
+                    if process.is_alive():
+                        process.kill()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
