@@ -29,6 +29,10 @@ SIEMENS = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph" / "e1_01.dcm"
 def template(kind: str):
     if kind == "mr":
         ds = examples.mr
+        # The example names its institution "TOSHIBA", and its Manufacturer "TOSHIBA_MEC":
+        # dumpwatch's leak check rightly finds the institution's name there and quarantines
+        # every file. A hospital's own name, as real headers have.
+        ds.InstitutionName = "Example University Hospital"
         ds.Rows = ds.Columns = 256
         ds.PixelData = bytes(256 * 256 * 2)
         return ds

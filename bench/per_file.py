@@ -21,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pydicom import dcmread  # noqa: E402
 
+from dumpwatch.anonymise import Anonymiser  # noqa: E402
 from dumpwatch.dicomfile import read_dicom  # noqa: E402
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, friendly_name, naming_tags  # noqa: E402
 from dumpwatch.pipeline import Job, prepare  # noqa: E402
+from dumpwatch.rules import RULES_DIR, load_profile  # noqa: E402
 from dumpwatch.workers import quiet_pydicom  # noqa: E402
 
 from corpus import make_corpus  # noqa: E402
@@ -48,8 +50,12 @@ def steps(files: int, header: str, existing: Path | None) -> None:
             paths = make_corpus(folder, files, header)
         template = Template.parse(DEFAULT_TEMPLATE)
         wanted = naming_tags(template)
-        job = Job(template, wanted, frozenset(), (), 0o664, None, None, -1, False, True, 60.0)
-        full_job = Job(template, None, frozenset(), (), 0o664, None, None, -1, False, True, 60.0)
+        common = dict(template=template, reserved=frozenset(), anon_fields=(), file_mode=0o664, gid=None,
+                      staging=None, out_device=-1, copy=False, dry_run=True, incomplete_timeout=60.0)
+        job = Job(wanted=wanted, anonymiser=None, **common)
+        full_job = Job(wanted=None, anonymiser=None, **common)
+        basic = Anonymiser(load_profile(["basic"], RULES_DIR, RULES_DIR), bytes(32))
+        anon_job = Job(wanted=None, anonymiser=basic, **common)
         print(f"{files} files, {header} header, µs per file\n\n| step | µs |\n|---|---:|")
         per_file("read the file", paths, lambda p: p.read_bytes())
         per_file("read + sha256", paths, lambda p: hashlib.sha256(p.read_bytes()).hexdigest())
@@ -68,6 +74,8 @@ def steps(files: int, header: str, existing: Path | None) -> None:
         per_file("read_dicom + friendly_name", paths, name)
         per_file("prepare (the whole worker step)", paths, lambda p: prepare(str(p), job))
         per_file("prepare, pydicom header (as when anonymising)", paths, lambda p: prepare(str(p), full_job))
+        per_file("prepare with the Basic Profile: read, anonymise, encode, leak check, name", paths,
+                 lambda p: prepare(str(p), anon_job))
     finally:
         shutil.rmtree(folder)
 

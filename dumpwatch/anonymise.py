@@ -295,25 +295,37 @@ def _creators(ds: Dataset) -> dict[tuple[int, int], str]:
     return creators
 
 
-# Where a value may start and end, so that "2339" is not found inside another number or UID.
+# Where a value may start and end, so that "2339" is not found inside another number or UID:
+# the bytes that may not stand right before and right after a hit.
+_WORD = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _BOUNDS = {
-    "text": (rb"(?<![0-9A-Za-z])", rb"(?![0-9A-Za-z])"),
-    "uid": (rb"(?<![0-9.])", rb"(?![0-9.])"),
-    "date": (rb"(?<![0-9])", rb""),  # a date may go on as a DT's time
+    "text": (_WORD, _WORD),
+    "uid": (frozenset(b"0123456789."), frozenset(b"0123456789.")),
+    "date": (frozenset(b"0123456789"), frozenset()),  # a date may go on as a DT's time
 }
 
 
 def leak(data: bytes | memoryview, needles: list[tuple[str, bytes, str]]) -> str | None:
     """The name of an element whose original value is still in data (as a whole value, not
-    inside another), or None."""
-    blob = bytes(data)
-    for kind, (before, after) in _BOUNDS.items():
-        wanted = {needle: name for name, needle, k in needles if k == kind and needle in blob}
-        if not wanted:
-            continue
-        pattern = before + rb"(" + rb"|".join(map(re.escape, sorted(wanted, key=len, reverse=True))) + rb")" + after
-        match = re.search(pattern, blob, re.IGNORECASE if kind == "text" else 0)
-        if match:
-            return wanted.get(match[1]) or next(n for k, n in wanted.items() if k.lower() == match[1].lower())
-    return None
+    inside another), or None. Text is compared without regard to case.
 
+    Each occurrence is found by bytes.find (a C loop) and only its two neighbours are
+    checked: a regular expression with look-arounds over a whole file cost 2 ms a file.
+    """
+    blob = bytes(data)
+    lowered = None
+    for name, needle, kind in needles:
+        haystack = blob
+        if kind == "text":
+            if lowered is None:
+                lowered = blob.lower()
+            haystack, needle = lowered, needle.lower()
+        before, after = _BOUNDS[kind]
+        start = haystack.find(needle)
+        while start >= 0:
+            end = start + len(needle)
+            alone_before = start == 0 or haystack[start - 1] not in before
+            if alone_before and (end == len(haystack) or haystack[end] not in after):
+                return name
+            start = haystack.find(needle, start + 1)
+    return None

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from dumpwatch.anonymise import Anonymiser
+from dumpwatch.anonymise import Anonymiser, leak
 from dumpwatch.errors import ConfigError, Rejected
 from dumpwatch.keys import load_key, new_uid
 from dumpwatch.rules import RESOLVED, RULES_DIR, load_layer, load_profile
@@ -532,6 +532,22 @@ def test_the_leak_check_quarantines_a_file_that_keeps_an_original(tmp_path, temp
     journal = (tmp_path / "out" / ".dumpwatch" / "journal.sqlite3").read_bytes()
     for where in (log, journal):
         assert b"Hopper" not in where
+
+
+@pytest.mark.parametrize(
+    "data, needle, kind, found",
+    [
+        (b"LO\x0c\x00scan of HOPPER", b"Hopper", "text", True),  # any case
+        (b"HopperGrace", b"Hopper", "text", False),  # inside a longer word
+        (b"t1_Hopper_mprage", b"Hopper", "text", True),  # underscores join words, not names
+        (b"1.2.3.45.6", b"1.2.3.4", "uid", False),  # the start of another UID
+        (b"\x001.2.3.4\x00", b"1.2.3.4", "uid", True),
+        (b"DT20200115103000", b"20200115", "date", True),  # a DT's date
+        (b"120200115", b"20200115", "date", False),  # inside a longer number
+    ],
+)
+def test_the_leak_check_finds_whole_values_only(data, needle, kind, found):
+    assert leak(data, [("Element", needle, kind)]) == ("Element" if found else None)
 
 
 def test_legacy_anon_fields_alone_still_empty_only_their_fields(tmp_path, template_file):

@@ -16,7 +16,8 @@ def test_every_lookup_uses_an_index(tmp_path):
     journal = Journal(tmp_path / "journal.sqlite3")
     try:
         plan = journal.db.execute(
-            "EXPLAIN QUERY PLAN " + FIND_SQL, dict.fromkeys(["name", "term", "lower", "absolute", "limit", "token", "uid"], "x")
+            "EXPLAIN QUERY PLAN " + FIND_SQL,
+            dict.fromkeys(["name", "term", "lower", "absolute", "limit", "token", "uid"], "x"),
         ).fetchall()
         details = [row["detail"] for row in plan]
         assert not [d for d in details if d.startswith("SCAN outcomes")], details

@@ -581,3 +581,28 @@ def test_polling_ignores_a_file_server_clock_that_runs_ahead(site, template_file
         wait_for(lambda: settled(cfg, 1), 15, "the file sorted despite its date")
     finally:
         assert serve.stop() == 0
+
+
+def test_serve_anonymises_what_it_receives_and_logs_no_original(tmp_path, testdata, expected):
+    cfg = write_config(tmp_path / "site", anon_profile="basic, retain-long-modified-dates")
+    scp = Storescp(cfg)
+    serve = Serve(cfg)
+    try:
+        files = data_files(testdata / FIELDMAP)
+        storescu(scp.port, files, tmp_path)
+        wait_for(lambda: settled(cfg, len(files)), 60, "all files sorted")
+    finally:
+        code = serve.stop()
+        scp.stop()
+    assert code == 0
+    sorted_tree = tmp_path / "site" / "sorted"
+    originals = {m["SOPInstanceUID"].encode() for name, m in expected.items() if name.startswith(FIELDMAP + "/")}
+    originals |= {m["SeriesInstanceUID"].encode() for name, m in expected.items() if name.startswith(FIELDMAP + "/")}
+    log = (tmp_path / "site" / "serve.log").read_bytes()
+    journal_bytes = b"".join(p.read_bytes() for p in (sorted_tree / ".dumpwatch").glob("journal.sqlite3*"))
+    for rel in tree_of(sorted_tree):
+        data = (sorted_tree / rel).read_bytes()
+        assert not [o for o in originals if o in data or o in rel.encode()], rel
+    assert not [o for o in originals if o in log], "an original UID in serve's log"
+    assert not [o for o in originals if o in journal_bytes], "an original UID in the journal"
+    assert b"sorted ANON-" in log
