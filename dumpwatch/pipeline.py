@@ -760,6 +760,12 @@ class Sorter:
             self._clean_staging()
         return settled
 
+    def tidy(self) -> None:
+        """Remove staged copies whose writer has died: a killed run's workers may still have
+        been exiting when the next run started (serve: at every sweep; sort-once: at the end)."""
+        if self.staging_fd >= 0:
+            self._clean_staging()
+
     def _clean_staging(self) -> None:
         with os.scandir(self.staging_fd) as entries:
             for entry in entries:
@@ -883,13 +889,18 @@ def _remove(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True if the process runs (a zombie does not: it is dead, only not yet reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return True
-    return True
+    return state not in ("Z", "X")
 
 
 _HERE, _SAME_BYTES = -2, -1

@@ -181,5 +181,6 @@ def sort_dir(
             except sqlite3.Error as exc:  # a full disk, say: no file moves without its journal row
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
+        sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
     summary.elapsed = time.perf_counter() - started
     return summary

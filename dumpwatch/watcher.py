@@ -379,6 +379,7 @@ class Server:
                     f"the dump {self.dump} was removed or replaced; starting again makes it anew") from None
             log.error("cannot list the dump %s: %s", self.dump, exc.strerror)
             return
+        self.sorter.tidy()  # staged copies of workers that died, after a kill
         waiting = {path for _, path in self.retries}
         moment, clock = time.monotonic(), time.time()
         polling = self.cfg.observer == "polling"
