@@ -151,6 +151,8 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
     except sqlite3.Error as exc:
         raise click.ClickException(f"the journal {cfg.journal_path} cannot be used: {exc}") from None
+    except ConfigError as exc:  # the anonymisation key: unreadable, or readable by others
+        raise click.ClickException(str(exc)) from None
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -182,7 +184,7 @@ def serve_command(options: Options) -> None:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, ConfigError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     try:
         server.run(stop)

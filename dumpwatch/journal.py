@@ -95,7 +95,9 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The journal names patients' files: never world-readable. SQLite gives its -wal and
         # -shm files the database file's mode, so the file is made first, with that mode.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode & 0o660)
+        # O_NOFOLLOW: a symlink planted here (the state folder is the group's) must not get
+        # that mode: pointed at the anonymisation key, it would make the key group-readable.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660)
         try:
             if os.fstat(fd).st_uid == os.geteuid():
                 os.fchmod(fd, mode & 0o660)  # whatever the umask: the group writes it too

@@ -346,7 +346,8 @@ class Sorter:
         if not dry_run:
             # The journal and staged copies name patients' files: the group may read, no one else.
             make_folder(self.staging, cfg.dir_mode & 0o2770, cfg.group)
-            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # O_NOFOLLOW: staged copies are cleaned up here; never in a folder a symlink points to.
+            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         anonymiser = None
         if cfg.profile is not None:
             key = _anonymisation_key(cfg, dry_run)
@@ -650,7 +651,7 @@ class Sorter:
         except OSError as exc:
             return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
         try:
-            make_folder(qdir, self.cfg.dir_mode, self.cfg.group)
+            make_folder(qdir, self.cfg.dir_mode & 0o2770, self.cfg.group)  # originals: never world-readable
             qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
@@ -913,6 +914,8 @@ def _quarantine_base(source: str) -> str:
     encoded = base.encode("utf-8")
     if len(encoded) > _QUARANTINE_NAME_MAX:
         base = encoded[:_QUARANTINE_NAME_MAX].decode("utf-8", "ignore")
+    if base.endswith(".reason.txt"):  # else the reason file of a file named like its stem overwrites it
+        base += "_"
     return base
 
 

@@ -70,7 +70,8 @@ class Tree:
         self.token = b""
         if lock_path is not None and not dry_run:
             make_folder(lock_path.parent, dir_mode & 0o2770, gid)
-            self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            # O_NOFOLLOW: a symlink planted here must not get the mode below (the key, say)
+            self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
             set_owner_mode(self.lock_fd, 0o660, gid)  # every writer of the tree takes this lock
         self._batches = 0
 
@@ -242,7 +243,7 @@ class Tree:
                 with open(handle, "rb") as stream:
                     ds = dcmread(stream, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
                 return str(ds.get("SeriesInstanceUID", ""))
-            except Exception:
+            except Exception:  # nosec B112  # an unreadable file says nothing of the series; the next may
                 continue
         return _FOREIGN
 

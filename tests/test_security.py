@@ -1,0 +1,231 @@
+"""Security review (docs/security.md): file modes of the secret and the journal, symlinks
+planted in the state folder, no shell anywhere, header values that try to leave dir_out,
+and what scripts/storescp.sh hands to storescp."""
+
+from __future__ import annotations
+
+import ast
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_dicom, run
+
+PACKAGE = REPO / "dumpwatch"
+STORESCP_SH = REPO / "scripts" / "storescp.sh"
+
+
+def sort_once_under_umask(tmp_path: Path, umask: int, *args: str) -> subprocess.CompletedProcess:
+    """The real command, as its own process, with the umask a site's supervisor gives it."""
+    def set_umask() -> None:
+        os.umask(umask)
+
+    return subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(tmp_path / "dumpwatch.cfg"),
+                           "sort-once", *args], capture_output=True, text=True, timeout=300,
+                          preexec_fn=set_umask, cwd=tmp_path)
+
+
+def anon_site(tmp_path: Path, template_file: Path) -> Path:
+    """A site with anonymisation on and its key in the default place: one image, one junk file."""
+    (tmp_path / "dumpwatch.cfg").write_text(
+        "dir_dump = dump\ndir_out = sorted\ndir_quarantine = quarantine\nanon_profile = basic\nworkers = 1\n")
+    make_dicom(tmp_path / "dump" / "MR.1", template_file)
+    (tmp_path / "dump" / "junk").write_bytes(b"not dicom")
+    return tmp_path / "sorted" / ".dumpwatch"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o000])
+def test_the_key_is_0600_and_the_state_never_world_readable(tmp_path, template_file, umask):
+    state = anon_site(tmp_path, template_file)
+    result = sort_once_under_umask(tmp_path, umask, "dump")
+    assert result.returncode == 3, result.stderr  # the junk file is quarantined
+    assert mode(state / "anon.key") == 0o600
+    assert mode(state / "journal.sqlite3") == 0o660
+    assert mode(state / "tree.lock") == 0o660
+    assert mode(state) & 0o007 == 0 and mode(state / "tmp") & 0o007 == 0
+    # The quarantine holds the original, unanonymised files: others cannot even look in.
+    assert mode(tmp_path / "quarantine") & 0o007 == 0
+    for reason in (tmp_path / "quarantine").glob("*.reason.txt"):
+        assert mode(reason) & 0o007 == 0
+
+
+def test_a_key_readable_by_others_is_refused(tmp_path, template_file):
+    state = anon_site(tmp_path, template_file)
+    state.mkdir(parents=True)
+    (state / "anon.key").write_text("ab" * 32 + "\n")
+    os.chmod(state / "anon.key", 0o640)
+    result = run("--config", str(tmp_path / "dumpwatch.cfg"), "sort-once", str(tmp_path / "dump"))
+    assert result.exit_code == 1
+    assert "the anonymisation key is readable by others (mode 0640)" in result.output
+    assert (tmp_path / "dump" / "MR.1").exists()
+
+
+@pytest.mark.parametrize("name", ["journal.sqlite3", "tree.lock"])
+def test_a_symlink_in_the_state_folder_never_exposes_the_key(tmp_path, template_file, name):
+    """The state folder is the group's (2770): a member who plants `journal.sqlite3 ->
+    anon.key` must not get the key made group-readable (0660) by the next start."""
+    state = anon_site(tmp_path, template_file)
+    assert sort_once_under_umask(tmp_path, 0o002, "dump").returncode == 3
+    key = (state / "anon.key").read_bytes()
+    (state / name).unlink()
+    (state / name).symlink_to("anon.key")
+    make_dicom(tmp_path / "dump" / "MR.2", template_file, InstanceNumber=2)
+    result = sort_once_under_umask(tmp_path, 0o002, "dump")
+    assert result.returncode != 0
+    assert "symbolic link" in result.stderr
+    assert mode(state / "anon.key") == 0o600
+    assert (state / "anon.key").read_bytes() == key
+    assert (tmp_path / "dump" / "MR.2").exists()
+
+
+def test_a_symlinked_staging_folder_is_never_cleaned(tmp_path, template_file):
+    """Staged copies of dead writers are removed at start: never in a folder a symlink names."""
+    state = anon_site(tmp_path, template_file)
+    assert sort_once_under_umask(tmp_path, 0o002, "dump").returncode == 3
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    os.rmdir(state / "tmp")
+    (state / "tmp").symlink_to(victim)
+    sort_once_under_umask(tmp_path, 0o002, "dump")
+    assert (victim / "precious").read_text() == "keep me"
+
+
+# -- no shell ------------------------------------------------------------------------------
+
+_SHELL_CALLS = {("os", "system"), ("os", "popen"), ("os", "execl"), ("os", "execlp"), ("os", "execv"),
+                ("os", "execvp"), ("os", "execve"), ("os", "execvpe"), ("os", "execle"), ("os", "execlpe"),
+                ("os", "spawnl"), ("os", "spawnlp"), ("os", "spawnv"), ("os", "spawnvp"), ("os", "posix_spawn"),
+                ("os", "posix_spawnp"), ("pty", "spawn"), ("subprocess", "getoutput"),
+                ("subprocess", "getstatusoutput")}
+
+
+def shell_uses(source: str, filename: str = "<source>") -> list[str]:
+    """Calls that run a shell (or another program) found in Python source, as file:line text."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if any(n.split(".")[0] in ("subprocess", "pty", "commands") for n in names):
+                found.append(f"{filename}:{node.lineno}: imports {names}")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            if (func.value.id, func.attr) in _SHELL_CALLS:
+                found.append(f"{filename}:{node.lineno}: {func.value.id}.{func.attr}")
+        for keyword in node.keywords:
+            if keyword.arg == "shell" and not (isinstance(keyword.value, ast.Constant) and not keyword.value.value):
+                found.append(f"{filename}:{node.lineno}: shell=...")
+    return found
+
+
+def test_the_source_scan_finds_what_it_looks_for():
+    planted = ("import os, subprocess\nos.system('ls')\nx = os.popen('id')\n"
+               "subprocess.run(cmd, shell=True)\nsubprocess.getoutput('x')\n")
+    found = shell_uses(planted)
+    assert len(found) == 5, found
+    assert shell_uses("import os\nos.path.join('a', 'b')\nf(shell=False)\n") == []
+
+
+def test_no_shell_or_program_is_run_anywhere_in_the_package():
+    files = sorted(PACKAGE.glob("*.py"))
+    assert len(files) > 10
+    found = [hit for path in files for hit in shell_uses(path.read_text(), path.name)]
+    assert found == [], "dumpwatch must never run a shell or a program: " + "; ".join(found)
+
+
+# -- header values never leave dir_out ------------------------------------------------------
+
+HOSTILE = {
+    "PatientName": "../../../../escaped",
+    "SeriesDescription": "/tmp/absolute\0nul",
+    "StudyDate": "..",
+    "PatientID": "../..",
+}
+
+
+def test_hostile_header_values_stay_below_dir_out(tmp_path, template_file):
+    dump, out = tmp_path / "deep" / "dump", tmp_path / "deep" / "out"
+    make_dicom(dump / "MR.1", template_file, **HOSTILE)
+    make_dicom(dump / "MR.2", template_file, PatientName="/etc/passwd", SeriesDescription="..\\..\\x", EchoNumbers="2")
+    template = "<StudyDate>-<PatientName>/<PatientID>/<SeriesNumber:03>-<SeriesDescription>/<InstanceNumber:04>"
+    (tmp_path / "dumpwatch.cfg").write_text(f"template = {template}\n")
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / "deep")}
+    result = run("--config", str(tmp_path / "dumpwatch.cfg"), "sort-once", str(dump), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    placed = [p for p in out.rglob("*.dcm")]
+    assert len(placed) == 2
+    for path in placed:
+        assert path.resolve().is_relative_to(out.resolve())
+        rel = path.relative_to(out)
+        assert not any(part.startswith(".") or "\0" in part or "\\" in part for part in rel.parts), rel
+    assert {p for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / "deep")} == before
+    assert not Path("/tmp/absolute").exists() or not any(Path("/tmp/absolute").iterdir())
+
+
+# -- the quarantine's own names -------------------------------------------------------------
+
+
+def test_a_file_named_like_a_reason_file_is_never_overwritten_by_one(tmp_path):
+    """x.reason.txt quarantined first, then x: x's reason file must not take its name."""
+    dump = tmp_path / "dump"
+    (dump / "a").mkdir(parents=True)
+    (dump / "b").mkdir()
+    (dump / "a" / "x.reason.txt").write_bytes(b"the file's own bytes")
+    (dump / "b" / "x").write_bytes(b"other bytes")
+    result = run("sort-once", str(dump), "--out", str(tmp_path / "out"), "--quarantine", str(tmp_path / "q"))
+    assert result.exit_code == 3, result.output
+    contents = sorted(p.read_bytes() for p in (tmp_path / "q").iterdir())
+    assert b"the file's own bytes" in contents and b"other bytes" in contents
+    assert len(contents) == 4  # two files, two reasons
+
+
+# -- storescp -------------------------------------------------------------------------------
+
+_EXEC_OPTIONS = {"-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy", "-xs", "--exec-sync",
+                 "-rns", "--rename-on-eostudy"}
+
+
+def storescp_arguments(tmp_path: Path, aetitle: str) -> list[str]:
+    """Run scripts/storescp.sh with a stand-in storescp that records the arguments it gets."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    fake = bin_dir / "storescp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "{record}"\n')
+    fake.chmod(0o755)
+    dumpwatch = bin_dir / "dumpwatch"
+    dumpwatch.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m dumpwatch "$@"\n')
+    dumpwatch.chmod(0o755)
+    cfg = tmp_path / "dumpwatch.cfg"
+    cfg.write_text(f"port = 11999\nAETitle = {aetitle}\ndir_dump = dump dir\ndir_out = out\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DUMPWATCH": str(dumpwatch),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", str(STORESCP_SH), str(cfg)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return record.read_bytes().decode().split("\0")[:-1]
+
+
+def test_storescp_sh_never_asks_storescp_to_run_a_command(tmp_path):
+    args = storescp_arguments(tmp_path, "-xcr")  # an AE title that looks like an option stays a value
+    assert not _EXEC_OPTIONS & set(args[: args.index("--aetitle")] + args[args.index("--aetitle") + 2 :]), args
+    assert args[args.index("--aetitle") + 1] == "-xcr"
+    assert args[args.index("--output-directory") + 1] == str(tmp_path / "dump dir")
+    assert args[-1] == "11999"
+    assert (tmp_path / "dump dir").is_dir()
+
+
+def test_storescp_sh_text_holds_no_exec_option():
+    code = [line.split("#", 1)[0] for line in STORESCP_SH.read_text().splitlines()]
+    words = {word.strip("\"'") for line in code for word in line.split()}
+    assert not _EXEC_OPTIONS & words
+    assert not any("exec-on" in line or "eostudy" in line for line in code)
