@@ -4,7 +4,8 @@ Two headers to build from:
   - "mr": pydicom's bundled MR example (73 elements), grown to a 256x256 image: about 130 KB
     a file, the corpus the project's first figures use;
   - "siemens": a real Siemens Prisma field map header from ../shared/testdata (132 elements
-    with large CSA headers), for a heavier read.
+    with large CSA headers), for a heavier read;
+  - "small": the "mr" header with a 64x64 image, about 9 KB a file: for counts of 100,000.
 
 Files are named as storescp names them (MR.<SOPInstanceUID>), spread over subjects and
 series, with every UID fresh and every InstanceNumber set.
@@ -35,6 +36,11 @@ def template(kind: str):
         ds.InstitutionName = "Example University Hospital"
         ds.Rows = ds.Columns = 256
         ds.PixelData = bytes(256 * 256 * 2)
+        return ds
+    if kind == "small":
+        ds = template("mr")
+        ds.Rows = ds.Columns = 64
+        ds.PixelData = bytes(64 * 64 * 2)
         return ds
     return dcmread(SIEMENS)
 
@@ -73,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--files", type=int, default=2000)
-    parser.add_argument("--header", choices=["mr", "siemens"], default="mr")
+    parser.add_argument("--header", choices=["mr", "siemens", "small"], default="mr")
     args = parser.parse_args()
     paths = make_corpus(args.folder, args.files, args.header)
     size = sum(p.stat().st_size for p in paths)

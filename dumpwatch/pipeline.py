@@ -10,6 +10,7 @@ import io
 import itertools
 import logging
 import os
+import pwd
 import signal
 import stat
 import threading
@@ -464,7 +465,7 @@ class Sorter:
                     raise _NotPlaced(*changed)
                 created = self._apply(plan)
             except (OSError, Rejected, _NotPlaced) as exc:
-                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc))
+                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc, plan.entry.dest))
                 log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
@@ -805,8 +806,31 @@ class _NotPlaced(Exception):
     """(outcome, reason) for a file that must not be placed now."""
 
 
-def _reason(exc: BaseException) -> str:
-    return f"cannot place it: {os_reason(exc) if isinstance(exc, OSError) else exc}"
+def _reason(exc: BaseException, dest: str | None = None) -> str:
+    text = f"cannot place it: {os_reason(exc) if isinstance(exc, OSError) else exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM) and dest:
+        folder = _blocking_folder(dest)
+        if folder:  # say where: the tree's folders are opened one by one, so the error cannot
+            text += f" (user {_user()} may not write in {folder})"
+    return text
+
+
+def _blocking_folder(dest: str) -> str | None:
+    """The nearest existing folder on the way to dest that this process may not write in."""
+    folder = os.path.dirname(dest)
+    while folder and not os.path.lexists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return folder if folder and not os.access(folder, os.W_OK | os.X_OK) else None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _changed(item: Prepared) -> tuple[str, str] | None:

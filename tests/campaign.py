@@ -104,9 +104,29 @@ def write_config(site: Path, anonymise: bool, **extra: object) -> Path:
 def check(site: Path, inputs: Inputs, anonymise: bool) -> None:
     """Every input exactly once in the tree, whole; the bad ones in the quarantine with their
     reasons; the dump empty; nothing staged or hidden in the tree; the journal true to it."""
-    out, quarantine, dump = site / "sorted", site / "quarantine", site / "dump"
+    out, quarantine = site / "sorted", site / "quarantine"
+    assert_dump_empty(site / "dump")
+    placed = tree_sops(out)
+    key = bytes.fromhex(KEY)
+    wanted = {new_uid(key, sop) if anonymise else sop: sha for sha, sop in inputs.files.values()}
+    assert set(placed) == set(wanted), (f"{len(set(wanted) - set(placed))} inputs missing from the tree, "
+                                        f"{len(set(placed) - set(wanted))} files that were never sent")
+    if not anonymise:
+        changed = [sop for sop, sha in placed.items() if wanted[sop] != sha]
+        assert not changed, f"{len(changed)} files in the tree differ from what was received"
+    kept = quarantined(quarantine)
+    assert len(kept) == len(inputs.bad), f"quarantine holds {kept}, expected {sorted(inputs.bad)}"
+    assert_journal_agrees(out)
+
+
+def assert_dump_empty(dump: Path) -> None:
     left = [name for name in os.listdir(dump) if name != ".dumpwatch.lock"] if dump.exists() else []
     assert not left, f"files still in the dump: {left[:5]}"
+
+
+def tree_sops(out: Path) -> dict[str, str]:
+    """{SOPInstanceUID: sha256} of the sorted tree; fails on a hidden, partial or twice-sorted file,
+    or a staged copy left behind."""
     placed: dict[str, str] = {}
     for path in out.rglob("*"):
         if ".dumpwatch" in path.relative_to(out).parts:
@@ -119,19 +139,21 @@ def check(site: Path, inputs: Inputs, anonymise: bool) -> None:
             dicom.close()
             assert sop not in placed, f"{sop} twice in the tree: {placed[sop]} and {rel}"
             placed[sop] = hashlib.sha256(path.read_bytes()).hexdigest()
-    key = bytes.fromhex(KEY)
-    wanted = {new_uid(key, sop) if anonymise else sop: sha for sha, sop in inputs.files.values()}
-    assert set(placed) == set(wanted), (f"{len(set(wanted) - set(placed))} inputs missing from the tree, "
-                                        f"{len(set(placed) - set(wanted))} files that were never sent")
-    if not anonymise:
-        changed = [sop for sop, sha in placed.items() if wanted[sop] != sha]
-        assert not changed, f"{len(changed)} files in the tree differ from what was received"
     assert os.listdir(out / ".dumpwatch" / "tmp") == [], "staged copies left behind"
-    reasons = sorted(p.name for p in quarantine.glob("*.reason.txt")) if quarantine.exists() else []
-    kept = sorted(p.name for p in quarantine.iterdir() if not p.name.endswith(".reason.txt")) \
-        if quarantine.exists() else []
-    assert len(kept) == len(inputs.bad), f"quarantine holds {kept}, expected {sorted(inputs.bad)}"
-    assert reasons == sorted(name + ".reason.txt" for name in kept)
+    return placed
+
+
+def quarantined(quarantine: Path) -> dict[str, str]:
+    """{name: first line of its reason} of the quarantine; fails on a file without its reason."""
+    if not quarantine.exists():
+        return {}
+    kept = sorted(p.name for p in quarantine.iterdir() if not p.name.endswith(".reason.txt"))
+    reasons = sorted(p.name for p in quarantine.glob("*.reason.txt"))
+    assert reasons == sorted(name + ".reason.txt" for name in kept), "a quarantined file without its reason"
+    return {name: (quarantine / (name + ".reason.txt")).read_text().splitlines()[0] for name in kept}
+
+
+def assert_journal_agrees(out: Path) -> None:
     db = sqlite3.connect(out / ".dumpwatch" / "journal.sqlite3")
     try:
         rows = db.execute("SELECT outcome, dest, done FROM outcomes").fetchall()
@@ -147,21 +169,65 @@ def check(site: Path, inputs: Inputs, anonymise: bool) -> None:
 # -- crash anywhere ------------------------------------------------------------------------------
 
 
+# The chain's named crash points (dumpwatch/failpoints.py), and how many times each is
+# reached per file at most: a kill at the n-th hit lands somewhere in the run.
+STEPS = {
+    "read": 1.0,  # a worker: the header read
+    "prepared": 1.0,  # a worker: checked, anonymised, named
+    "journal-begun": 1 / 16,  # once a batch: the journal holds the plans
+    "renamed": 0.5,  # an echo-1 file renamed _01 (the field map copies)
+    "placed": 1.0,  # linked or renamed into the tree
+    "unlink-source": 1.0,  # a rewritten file's source removed
+    "sources-removed": 1 / 16,  # once a batch: before the journal is told
+    "quarantine-slot": 0.0,  # a bad file's name in the quarantine chosen (twice a round)
+    "quarantine-reserved": 0.0,  # its reason written
+    "quarantined": 0.0,  # moved there
+}
+TIMER = "at a random moment"
+
+
 @dataclass
 class Kills:
-    """How a campaign went: kills, and how far each run had got when it was killed."""
+    """How a campaign went: kills, where each landed, and how far each run had got."""
 
     kills: int = 0
     runs: int = 0
     progress: list[float] = field(default_factory=list)  # share of the inputs out of the dump at each kill
+    where: dict[str, int] = field(default_factory=dict)  # kills by crash point, or TIMER
     seconds: float = 0.0
 
+    def add(self, where: str, progress: float) -> None:
+        self.kills += 1
+        self.progress.append(progress)
+        self.where[where] = self.where.get(where, 0) + 1
 
-def _dumpwatch(site: Path, *args: str) -> subprocess.Popen:
+    def merge(self, other: Kills) -> None:
+        self.kills += other.kills
+        self.runs += other.runs
+        self.progress += other.progress
+        self.seconds += other.seconds
+        for where, count in other.where.items():
+            self.where[where] = self.where.get(where, 0) + count
+
+
+def _armed(rng: random.Random, remaining: int, steps: tuple[str, ...]) -> tuple[str, str] | None:
+    """Half the runs: a crash point and the hit that kills, drawn so that it is likely reached."""
+    if not steps or rng.random() < 0.5:
+        return None
+    step = rng.choice(steps)
+    reach = max(2, int(STEPS[step] * remaining / 2))  # per worker process, of two
+    return step, f"{step}={rng.randint(1, reach)}"
+
+
+def _dumpwatch(site: Path, *args: str, failpoint: str = "") -> subprocess.Popen:
     """dumpwatch as its own process, its output appended to site/dumpwatch.out."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if failpoint:
+        env["DUMPWATCH_FAILPOINTS"] = failpoint
     with open(site / "dumpwatch.out", "ab") as log:
+        log.write(f"--- dumpwatch {' '.join(args)} {failpoint}\n".encode())
         return subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(site / "dumpwatch.cfg"), *args],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _remaining(dump: Path) -> int:
@@ -171,23 +237,30 @@ def _remaining(dump: Path) -> int:
         return 0
 
 
-def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: float) -> Kills:
-    """Run sort-once over the dump, kill -9 at a random moment, again and again, until a run
-    ends by itself. Each kill comes at a moment drawn evenly from the time the run would
-    take: start-up (0.3 s) plus per_file seconds for each file still in the dump."""
+def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: float,
+                    steps: tuple[str, ...] = ()) -> Kills:
+    """Run sort-once over the dump, kill -9 it, again and again, until a run ends by itself.
+    A run is killed at a random moment drawn evenly from the time it would take (start-up,
+    0.3 s, plus per_file seconds for each file still in the dump), or, for half the runs when
+    steps are given, by itself at the n-th hit of one of those crash points."""
     total = len(inputs.files) + len(inputs.bad)
     result = Kills()
     started = time.monotonic()
     while True:
-        process = _dumpwatch(site, "sort-once", str(site / "dump"))
+        remaining = _remaining(site / "dump")
+        armed = _armed(rng, remaining, steps)
+        process = _dumpwatch(site, "sort-once", str(site / "dump"), failpoint=armed[1] if armed else "")
         result.runs += 1
         try:
-            code = process.wait(timeout=rng.uniform(0.02, 0.3 + per_file * _remaining(site / "dump")))
+            code = process.wait(timeout=120 if armed else rng.uniform(0.02, 0.3 + per_file * remaining))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            result.kills += 1
-            result.progress.append(1 - _remaining(site / "dump") / total)
+            result.add(TIMER, 1 - _remaining(site / "dump") / total)
+            continue
+        if armed and code not in (0, 3):  # killed at its crash point: in itself (-9) or in a worker (1)
+            assert code in (-signal.SIGKILL, 1), f"sort-once exited {code} with {armed[1]}"
+            result.add(armed[0], 1 - _remaining(site / "dump") / total)
             continue
         assert code in (0, 3), f"sort-once exited {code}"
         if _remaining(site / "dump") == 0:
@@ -197,11 +270,15 @@ def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: fl
 
 
 def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, budget: float,
-                kills: int) -> Kills:
+                kills: int, steps: tuple[str, ...] = (), feed_seconds: float = 0.0) -> Kills:
     """serve watches the dump while a feeder writes the inputs into it in bursts (each file
     closed in the dump, as storescp does); serve is killed -9 at random moments, at most
-    budget seconds apart, and started again at once, as a supervisor does. Ends when every
-    input has arrived, serve has been killed at least `kills` times, and the dump is empty."""
+    budget seconds apart, or, for half its starts when steps are given, by itself at the n-th
+    hit of one of those crash points (or, if it is not reached, by the timer, given four
+    times as long); it is started again at once, as a supervisor does.
+    The inputs arrive over about feed_seconds (at once, if 0). Ends when every input has
+    arrived, serve has been killed at least `kills` times, and the dump is empty; then a
+    SIGTERM must stop it with exit 0."""
     dump = site / "dump"
     dump.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(source), key=lambda n: rng.random())
@@ -209,9 +286,14 @@ def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, bu
     result = Kills()
     started = time.monotonic()
     fed = 0
-    process = _dumpwatch(site, "serve")
-    result.runs += 1
-    next_kill = time.monotonic() + rng.uniform(0.2, budget)
+
+    def start() -> tuple[subprocess.Popen, tuple[str, str] | None, float]:
+        armed = _armed(rng, max(total - fed, 50), steps) if result.kills < kills else None
+        result.runs += 1
+        process = _dumpwatch(site, "serve", failpoint=armed[1] if armed else "")
+        return process, armed, time.monotonic() + rng.uniform(0.2, budget) * (4 if armed else 1)
+
+    process, armed, next_kill = start()
     while True:
         for _ in range(rng.randint(1, 20)):  # files arrive in bursts
             if fed < total:
@@ -222,29 +304,135 @@ def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, bu
                     os.utime(dump / name, (1e9, 1e9))
                 os.unlink(source / name)
                 fed += 1
-        time.sleep(rng.uniform(0, 0.05))
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited by itself with {process.returncode}")
-        if time.monotonic() >= next_kill:
+        time.sleep(rng.uniform(0, max(0.05, 2 * feed_seconds * 10.5 / total)))  # 10.5: the mean burst
+        code = process.poll()
+        if code is not None:  # killed at its crash point: in itself (-9), or a worker (serve exits 1)
+            assert armed and code in (-signal.SIGKILL, 1), f"serve exited by itself with {code} ({armed})"
+            result.add(armed[0], fed / total)
+            process, armed, next_kill = start()
+        elif time.monotonic() >= next_kill:
             process.kill()
             process.wait()
-            result.kills += 1
-            result.progress.append(fed / total)
-            process = _dumpwatch(site, "serve")
-            result.runs += 1
-            next_kill = time.monotonic() + rng.uniform(0.2, budget)
+            result.add(TIMER, fed / total)
+            process, armed, next_kill = start()
         if fed == total and result.kills >= kills and _remaining(dump) == 0:
-            break
-        if time.monotonic() - started > 600:
-            raise AssertionError(f"not settled after 600 s: {_remaining(dump)} files in the dump")
+            if not armed:
+                break
+            process.kill()  # its crash point not yet reached: the last run must be clean
+            process.wait()
+            result.add(TIMER, 1.0)
+            process, armed, next_kill = start()
+        if time.monotonic() - started > 1200:
+            raise AssertionError(f"not settled after 1200 s: {_remaining(dump)} files in the dump")
     # A stop before serve is up (Python's start-up, 0.3 s) ends it by the signal's default
     # action, with nothing in hand; a supervisor's stop usually finds it up: as here.
     log = site / "dumpwatch.out"
     deadline = time.monotonic() + 30
-    while log.read_text(errors="replace").count("watching ") < result.runs and time.monotonic() < deadline:
+    while "watching " not in log.read_text(errors="replace").rsplit("--- dumpwatch", 1)[-1] \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     code = process.wait(timeout=60)
-    assert code == 0, f"serve exited {code} on SIGTERM: " + (site / "dumpwatch.out").read_text()[-3000:]
+    assert code == 0, f"serve exited {code} on SIGTERM: " + log.read_text(errors="replace")[-3000:]
     result.seconds = time.monotonic() - started
     return result
+
+
+# -- storescp killed mid-association -----------------------------------------------------------
+
+
+def storescp_kills(cfg: Path, files: list[Path], rng: random.Random, kills: int, budget: float) -> Kills:
+    """A scanner sends the files again and again; storescp (and the children it forked for
+    associations) is killed -9 at a random moment of each send and started again, as a
+    supervisor does, while serve sorts. The files written when the kill came are left
+    truncated in the dump. Then one whole send. Progress: the share of the send's time elapsed."""
+    from dcmtk import Serve, Storescp, storescu  # the end-to-end helpers: pytest's, and DCMTK's
+
+    work = cfg.parent
+    result = Kills()
+    started = time.monotonic()
+    scp, serve = Storescp(cfg), Serve(cfg)
+    try:
+        while result.kills < kills:
+            sender = storescu(scp.port, files, work, wait=False)
+            moment = rng.uniform(0.05, budget)
+            time.sleep(moment)
+            if sender.poll() is not None:  # the whole send went through before the kill
+                continue
+            scp.kill(signal.SIGKILL)
+            sender.communicate(timeout=60)
+            result.add(TIMER, moment / budget)
+            scp = Storescp(cfg)
+            result.runs += 1
+        storescu(scp.port, files, work)  # asserts that the whole send went through
+        dump = Path(cfg.parent / "dump")
+        deadline = time.monotonic() + 120  # truncated files wait incomplete_timeout, then go
+        while _remaining(dump) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert serve.stop() == 0, serve.output()[-3000:]
+    finally:
+        if serve.process.poll() is None:
+            serve.process.kill()
+        scp.stop()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# -- lost events ---------------------------------------------------------------------------------
+
+QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def can_shrink_queue() -> str:
+    """'' if this process may lower the kernel's inotify queue limit, else why not."""
+    try:
+        limit = QUEUE.read_text()
+        QUEUE.write_text(limit)
+    except OSError as exc:
+        return f"cannot write {QUEUE}: {exc.strerror} (needs root, and /proc/sys writable)"
+    return ""
+
+
+@dataclass
+class Flood:
+    files: int
+    written_in: float  # seconds the flood took to write
+    sorted_after: float  # seconds from the last file written to the dump empty
+    overflowed: bool  # serve saw the overflow (and swept at once)
+
+
+def flood(site: Path, source: Path, queue: int) -> Flood:
+    """Start serve while the kernel's inotify queue limit is `queue` events (the limit applies
+    to a watch made while it holds; it is put back as soon as serve watches), then write every
+    file of source into the dump as fast as one process can: the queue overflows and events
+    are lost. Returns how long the sweep took to sort what the events missed."""
+    dump = site / "dump"
+    dump.mkdir(parents=True, exist_ok=True)
+    log = site / "dumpwatch.out"
+    old = QUEUE.read_text()
+    QUEUE.write_text(f"{queue}\n")
+    try:
+        process = _dumpwatch(site, "serve")
+        deadline = time.monotonic() + 30
+        while "watching " not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text(errors="replace")
+            time.sleep(0.02)
+    finally:
+        QUEUE.write_text(old)
+    try:
+        names = sorted(os.listdir(source))
+        started = time.monotonic()
+        for name in names:
+            with open(source / name, "rb") as reader, open(dump / name, "wb") as writer:
+                writer.write(reader.read())
+        written = time.monotonic()
+        while _remaining(dump) and time.monotonic() - written < 300:
+            time.sleep(0.01)
+        done = time.monotonic()
+        assert _remaining(dump) == 0, f"{_remaining(dump)} files still in the dump after 300 s"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code == 0, log.read_text(errors="replace")[-3000:]
+    return Flood(len(names), written - started, done - written,
+                 "sweeping the dump: inotify queue overflow" in log.read_text(errors="replace"))

@@ -6,9 +6,31 @@ from __future__ import annotations
 import random
 
 import pytest
-from campaign import check, make_inputs, serve_kills, sort_once_kills, write_config
+from campaign import (
+    FIELDMAP,
+    STEPS,
+    assert_dump_empty,
+    assert_journal_agrees,
+    check,
+    corpus_cache,
+    make_inputs,
+    quarantined,
+    serve_kills,
+    sort_once_kills,
+    storescp_kills,
+    tree_sops,
+    write_config,
+)
+from dcmtk import needs_dcmtk
+from dcmtk import write_config as dcmtk_config
+from pydicom import dcmread
 
 KILLS = 6  # at least, in each short campaign
+
+
+def steps(anonymise: bool) -> tuple[str, ...]:
+    """The crash points a run reaches: only a rewritten file has a source removed after placing."""
+    return tuple(step for step in STEPS if anonymise or step != "unlink-source")
 
 
 @pytest.mark.parametrize("anonymise", [False, True], ids=["move", "basic-profile"])
@@ -21,7 +43,8 @@ def test_sort_once_killed_again_and_again(tmp_path, testdata, anonymise):
         site = tmp_path / f"round-{number}"
         write_config(site, anonymise)
         inputs = make_inputs(site / "dump", testdata, files=300, fieldmaps=2, seed=number)
-        kills += sort_once_kills(site, inputs, rng, per_file=0.004 if anonymise else 0.001).kills
+        kills += sort_once_kills(site, inputs, rng, per_file=0.004 if anonymise else 0.001,
+                                 steps=steps(anonymise)).kills
         check(site, inputs, anonymise)
         if kills >= KILLS:
             break
@@ -34,6 +57,25 @@ def test_serve_killed_again_and_again_while_files_arrive(tmp_path, testdata, ano
     site = tmp_path / "site"
     write_config(site, anonymise)
     inputs = make_inputs(tmp_path / "arriving", testdata, files=300, fieldmaps=2, seed=12)
-    result = serve_kills(site, tmp_path / "arriving", inputs, rng, budget=1.0, kills=KILLS)
+    result = serve_kills(site, tmp_path / "arriving", inputs, rng, budget=1.0, kills=KILLS,
+                         steps=steps(anonymise))
     assert result.kills >= KILLS
     check(site, inputs, anonymise)
+
+
+@needs_dcmtk
+def test_storescp_killed_mid_association_then_the_scanner_sends_again(tmp_path, testdata):
+    """Each send is cut by a kill -9 of storescp; the partial files it leaves are quarantined as
+    truncated, and after one whole send every instance is in the tree exactly once."""
+    files = sorted((corpus_cache(300)).iterdir()) + sorted((testdata / FIELDMAP).iterdir())
+    sops = {str(dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for f in files}
+    cfg = dcmtk_config(tmp_path / "site")
+    result = storescp_kills(cfg, files, random.Random(13), kills=KILLS, budget=0.35)
+    assert result.kills >= KILLS
+    site = cfg.parent
+    assert_dump_empty(site / "dump")
+    assert set(tree_sops(site / "sorted")) == sops
+    reasons = quarantined(site / "quarantine")
+    assert all(r.startswith(("truncated", "incomplete")) for r in reasons.values()), reasons
+    assert_journal_agrees(site / "sorted")

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dumpwatch.config import read_config
+from dumpwatch.dicomfile import read_dicom
 from dumpwatch.sortonce import sort_dir
 
 from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
@@ -543,6 +544,15 @@ def test_a_full_disk_pauses_sorting_and_nothing_is_lost(tmp_path, testdata):
             time.sleep(2)
             assert serve.process.poll() is None, serve.output()
             assert not (tmp_path / "site" / "quarantine").exists()  # a full disk is not bad input
+            status = run_process("--config", str(cfg), "status", "--json")
+            assert status.returncode == 1, status.stdout  # not healthy: an operator must know
+            problems = json.loads(status.stdout)["problems"]
+            assert any(p.startswith("sorting is paused: ") and "full" in p for p in problems), problems
+            assert dump_files(cfg), "the sources stay in the dump while nothing can be placed"
+            for path in (small / "sorted").rglob("*"):  # nothing partial or hidden in the tree
+                if path.is_file() and ".dumpwatch" not in path.parts:
+                    assert not path.name.startswith("."), path
+                    read_dicom(str(path), None).close()  # whole, or it raises
             filler.unlink()  # space again
             wait_for(lambda: len(tree_of(small / "sorted")) == len(inputs) and not dump_files(cfg), 120,
                      "everything sorted once there was space")

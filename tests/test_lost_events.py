@@ -1,0 +1,30 @@
+"""Lost events: when the kernel's inotify queue overflows, events are dropped for good
+(../shared/FIELD-NOTES.md); serve notices and sweeps, and sorts every file anyway."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from campaign import (
+    assert_dump_empty,
+    assert_journal_agrees,
+    can_shrink_queue,
+    corpus_cache,
+    flood,
+    tree_sops,
+    write_config,
+)
+
+
+@pytest.mark.skipif(bool(can_shrink_queue()), reason=can_shrink_queue() or "-")
+def test_an_inotify_overflow_loses_no_file(tmp_path):
+    source = tmp_path / "arriving"
+    shutil.copytree(corpus_cache(300), source)
+    site = tmp_path / "site"
+    write_config(site, anonymise=False, sweep_interval=600)  # only the overflow's own sweep can help
+    result = flood(site, source, queue=16)
+    assert result.overflowed, "the queue did not overflow: the test proves nothing"
+    assert_dump_empty(site / "dump")
+    assert len(tree_sops(site / "sorted")) == result.files == 300
+    assert_journal_agrees(site / "sorted")

@@ -1,0 +1,121 @@
+"""Permissions and vanishing paths while serve runs: a clear message, no crash loop, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from dcmtk import Serve, wait_for, write_config
+
+from conftest import make_dicom, tree_of
+
+
+def dump_files(dump: Path) -> list[str]:
+    return sorted(name for name in os.listdir(dump) if name != ".dumpwatch.lock")
+
+
+@pytest.fixture
+def shared_base():
+    """A folder nobody may use: serve runs as nobody, so that permissions bind it (root's do not)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run serve as another user")
+    base = Path(tempfile.mkdtemp(prefix="dumpwatch-paths-"))  # tmp_path is root's alone
+    os.chmod(base, 0o755)
+    yield base, pwd.getpwnam("nobody")
+    shutil.rmtree(base)
+
+
+def _arrive(path: Path, dump: Path, owner) -> None:
+    """A finished file lands in the dump, as storescp (running as nobody too) leaves it."""
+    os.chown(path, owner.pw_uid, owner.pw_gid)
+    os.rename(path, dump / path.name)
+    os.utime(dump / path.name)
+
+
+@pytest.mark.parametrize("blocked", ["dir_out", "subject folder"])
+def test_a_folder_serve_cannot_write_leaves_files_waiting_until_it_can(shared_base, template_file, blocked):
+    base, nobody = shared_base
+    cfg = write_config(base, sweep_interval=1)
+    for name in ("dump", "sorted", "quarantine", "sorted/.dumpwatch"):
+        (base / name).mkdir()
+        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    # root's, not writable by nobody: the whole tree, or one subject's folder in it
+    locked = base / "sorted" if blocked == "dir_out" else base / "sorted" / "20210715-phantom"
+    locked.mkdir(exist_ok=True)
+    os.chown(locked, 0, 0)
+    os.chmod(locked, 0o755)
+    serve = Serve(cfg, user=nobody.pw_uid, group=nobody.pw_gid)
+    try:
+        _arrive(make_dicom(base / "MR.phantom", template_file), base / "dump", nobody)
+        _arrive(make_dicom(base / "MR.other", template_file, PatientName="Other^Subject"), base / "dump", nobody)
+        wait_for(lambda: "Permission denied" in serve.output(), 30, "the problem reported")
+        if blocked == "subject folder":  # the other subject's file is not held up
+            wait_for(lambda: dump_files(base / "dump") == ["MR.phantom"], 30, "the other file sorted")
+        time.sleep(3)  # sweeps every second meanwhile: tried again, never a crash
+        assert serve.process.poll() is None, serve.output()
+        assert "MR.phantom" in dump_files(base / "dump")  # left where it was: nothing lost
+        os.chown(locked, nobody.pw_uid, nobody.pw_gid)  # the IT person fixes the folder
+        wait_for(lambda: dump_files(base / "dump") == [], 60, "both files sorted once it can")
+        assert sorted(tree_of(base / "sorted")) == ["20210715-Other_Subject/002-gre_field_magph/0001.dcm",
+                                                    "20210715-phantom/002-gre_field_magph/0001.dcm"]
+        assert not os.listdir(base / "quarantine")
+    finally:
+        assert serve.stop() == 0, serve.output()
+    lines = [line for line in serve.output().splitlines() if "Permission denied" in line]
+    assert all(f"(user nobody may not write in {locked})" in line for line in lines), lines
+    assert all("MR.phantom" in line or blocked == "dir_out" for line in lines), lines
+
+
+def test_the_dump_removed_and_made_again_under_serve(tmp_path, template_file):
+    """rm -rf of the dump and a new one in its place (a careless clean-up): inotify watched the
+    old folder, so serve exits for the supervisor; started again, it sorts what the new holds."""
+    cfg = write_config(tmp_path / "site")
+    serve = Serve(cfg)
+    dump = tmp_path / "site" / "dump"
+    shutil.rmtree(dump)
+    dump.mkdir()
+    make_dicom(dump / "MR.new", template_file)
+    assert serve.process.wait(timeout=30) == 1
+    serve.log.close()
+    assert "was removed or replaced; starting again makes it anew" in serve.output()
+    again = Serve(cfg)
+    try:
+        wait_for(lambda: dump_files(dump) == [], 30, "the new dump's file sorted")
+        assert list(tree_of(tmp_path / "site" / "sorted")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    finally:
+        assert again.stop() == 0
+
+
+def test_files_deleted_between_their_event_and_their_read(tmp_path, template_file):
+    """Someone tidies the dump while files arrive: each deleted file is simply gone, the rest
+    are sorted, and serve goes on."""
+    cfg = write_config(tmp_path / "site")
+    serve = Serve(cfg)
+    dump = tmp_path / "site" / "dump"
+    source = tmp_path / "made"
+    for number in range(1, 201):
+        make_dicom(source / f"MR.{number}", template_file, InstanceNumber=number)
+    kept = set()
+    try:
+        for number in range(1, 201):
+            data = (source / f"MR.{number}").read_bytes()
+            with open(dump / f"MR.{number}", "wb") as writer:
+                writer.write(data)  # closed: the event is queued
+            if number % 2:
+                os.unlink(dump / f"MR.{number}")  # at once, most often before serve reads it
+            else:
+                kept.add(f"20210715-phantom/002-gre_field_magph/{number:04d}.dcm")
+        wait_for(lambda: dump_files(dump) == [], 30, "the kept files sorted")
+        assert serve.process.poll() is None, serve.output()
+        assert set(tree_of(tmp_path / "site" / "sorted")) == kept
+        assert not (tmp_path / "site" / "quarantine").exists() or not os.listdir(tmp_path / "site" / "quarantine")
+    finally:
+        assert serve.stop() == 0, serve.output()
+    assert "Traceback" not in serve.output()
