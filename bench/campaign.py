@@ -59,7 +59,7 @@ def serve_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rng: r
     write_config(site, anonymise)
     inputs = make_inputs(base / "arriving", TESTDATA, args.files, args.fieldmaps, seed=args.seed * 1000 + 999)
     result = serve_kills(site, base / "arriving", inputs, rng, budget=3.0 if anonymise else 2.0,
-                         kills=args.kills, steps=steps(anonymise), feed_seconds=args.kills * 0.8)
+                         kills=args.kills, steps=steps(anonymise), paced=True)
     check(site, inputs, anonymise)
     shutil.rmtree(site)
     return result, len(inputs.files) + len(inputs.bad)

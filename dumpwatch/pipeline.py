@@ -422,6 +422,7 @@ class Sorter:
                     log.info("%s %s", self.job.shown(item.source), item.reason)
             if left and self.journal is not None:
                 self.journal.record(left)
+            self.tree.trim()
         return outcomes
 
     def _place(self, prepared: list[Prepared], failed: list[Failed]) -> list[Outcome]:

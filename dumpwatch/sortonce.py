@@ -43,40 +43,48 @@ def inside(path: Path, folder: Path) -> bool:
 
 
 def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, int] | None = None,
-         served: list[str] | None = None) -> Iterator[str]:
-    """Every entry below root that is not a folder, in name order. Symlinks are listed as
-    entries and never followed; folders in `skip` (by (device, inode), or by absolute path
-    for those made while walking) are not entered; in the quarantine folder, the reason
-    files beside the files are not entries of their own. A dump that a running serve
-    watches is left to it (storescp may be writing there) and named in `served`."""
+         served: list[str] | None = None, ordered: bool = True) -> Iterator[str]:
+    """Every entry below root that is not a folder, in name order (or, if not ordered, as
+    listed: for counting). Symlinks are listed as entries and never followed; folders in
+    `skip` (by (device, inode), or by absolute path for those made while walking) are not
+    entered; in the quarantine folder, the reason files beside the files are not entries of
+    their own. A dump that a running serve watches is left to it (storescp may be writing
+    there) and named in `served`. Only the names of one folder are held at a time: an old
+    dump of 100,000 files in one folder costs megabytes, not one object per file."""
     stack = [str(root)]
     while stack:
         folder = stack.pop()
         reasons_here = quarantine is not None and folder_id(folder) == quarantine
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as exc:
-            log.error("cannot list %s: %s", folder, exc.strerror)
-            unreadable.append(f"{folder}: {exc.strerror}")
-            continue
-        if any(e.name == LOCK_NAME for e in entries):
+        if os.path.lexists(os.path.join(folder, LOCK_NAME)):
             holder = read_lock(Path(folder))
             if holder is not None:
                 log.warning("skipping %s: dumpwatch serve sorts it (%s)", folder, holder.describe())
                 if served is not None:
                     served.append(folder)
                 continue
-        folders = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                if (st.st_dev, st.st_ino) not in skip and os.path.abspath(entry.path) not in skip:
-                    folders.append(entry.path)
-            elif entry.name == LOCK_NAME or (reasons_here and entry.name.endswith(".reason.txt")):
-                continue  # serve's lock on a dump (no serve holds it now), or a reason file
-            else:
-                yield entry.path
+        folders, names = [], []
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    if entry.is_dir(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) not in skip and os.path.abspath(entry.path) not in skip:
+                            folders.append(entry.path)
+                    elif entry.name == LOCK_NAME or (reasons_here and entry.name.endswith(".reason.txt")):
+                        continue  # serve's lock on a dump (no serve holds it now), or a reason file
+                    elif ordered:
+                        names.append(entry.name)
+                    else:
+                        yield entry.path
+        except OSError as exc:
+            log.error("cannot list %s: %s", folder, exc.strerror)
+            unreadable.append(f"{folder}: {exc.strerror}")
+            continue
+        names.sort()
+        for name in names:
+            yield os.path.join(folder, name)
+        del names
+        folders.sort()
         stack.extend(reversed(folders))
 
 
@@ -157,7 +165,7 @@ def sort_dir(
         skip: set = {i for i in (folder_id(cfg.dir_out), quarantine) if i is not None}
         skip |= {os.path.abspath(p) for p in (cfg.dir_out, cfg.quarantine_dir) if p is not None}
         sorter.recover()
-        total = sum(1 for _ in walk(root, skip, [], quarantine))
+        total = sum(1 for _ in walk(root, skip, [], quarantine, ordered=False))
         if count_first:
             count_first(total)
         workers = cfg.worker_count if total >= 64 else 1

@@ -52,6 +52,11 @@ class Decision:
         return (*self.folder.rel, self.name)
 
 
+# File names of sorted series kept in memory at most (about 100 bytes each, 5 MB); beyond, the
+# folders used longest ago are read again from disk when a file comes for them.
+CACHED_NAMES = 50_000
+
+
 class Tree:
     """Decides names under a lock shared by every dumpwatch process writing the same tree."""
 
@@ -100,6 +105,29 @@ class Tree:
             yield
         finally:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def trim(self) -> None:
+        """After a batch: let go of what the disk can tell again, so that memory does not grow
+        with the tree. Placed files are on disk now: their hashes are read again if a later
+        file needs them (an identical re-send). Beyond CACHED_NAMES file names, the folders
+        used longest ago are forgotten; a folder is read again when a file comes for it."""
+        if self.dry_run:  # nothing was placed: memory is all there is
+            return
+        total = 0
+        for folder in self.folders.values():
+            if not folder.disk:
+                folder.hashes.clear()
+            total += len(folder.names)
+        if total <= CACHED_NAMES:
+            return
+        dropped = set()
+        for rel, folder in list(self.folders.items()):  # least recently used first
+            if total <= CACHED_NAMES // 2:
+                break
+            if not folder.disk:
+                total -= len(folder.names)
+                dropped.add(id(self.folders.pop(rel)))
+        self.claims = {key: folder for key, folder in self.claims.items() if id(folder) not in dropped}
 
     def forget(self, folder: Folder | None = None) -> None:
         """Drop cached knowledge (all of it, or one folder's) after a surprise."""
@@ -180,10 +208,10 @@ class Tree:
         raise OSError(f"more than 10,000 series share the folder name {base!r}")
 
     def _folder(self, rel: tuple[str, ...]) -> Folder:
-        folder = self.folders.get(rel)
+        folder = self.folders.pop(rel, None)  # and put back last: the dict is in order of use
         if folder is None:
             folder = self._load(rel)
-            self.folders[rel] = folder
+        self.folders[rel] = folder
         return folder
 
     def _load(self, rel: tuple[str, ...]) -> Folder:

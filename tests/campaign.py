@@ -175,7 +175,7 @@ STEPS = {
     "read": 1.0,  # a worker: the header read
     "prepared": 1.0,  # a worker: checked, anonymised, named
     "journal-begun": 1 / 16,  # once a batch: the journal holds the plans
-    "renamed": 0.5,  # an echo-1 file renamed _01 (the field map copies)
+    "renamed": 0.0,  # an echo-1 file renamed _01 (a few dozen in each field map copy)
     "placed": 1.0,  # linked or renamed into the tree
     "unlink-source": 1.0,  # a rewritten file's source removed
     "sources-removed": 1 / 16,  # once a batch: before the journal is told
@@ -215,8 +215,19 @@ def _armed(rng: random.Random, remaining: int, steps: tuple[str, ...]) -> tuple[
     if not steps or rng.random() < 0.5:
         return None
     step = rng.choice(steps)
-    reach = max(2, int(STEPS[step] * remaining / 2))  # per worker process, of two
+    reach = max(8 if step == "renamed" else 2, int(STEPS[step] * remaining / 2))  # per worker, of two
     return step, f"{step}={rng.randint(1, reach)}"
+
+
+STARTUP = 0.5  # seconds from a dumpwatch command to its first file, on the 2-core machine
+
+
+def _moment(rng: random.Random, work: float) -> float:
+    """When to kill a run that has `work` seconds of sorting to do: one kill in five during
+    start-up (recovery from the kill before), the others spread evenly over the sorting."""
+    if rng.random() < 0.2:
+        return rng.uniform(0.02, STARTUP)
+    return STARTUP + rng.uniform(0, work)
 
 
 def _dumpwatch(site: Path, *args: str, failpoint: str = "") -> subprocess.Popen:
@@ -240,9 +251,9 @@ def _remaining(dump: Path) -> int:
 def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: float,
                     steps: tuple[str, ...] = ()) -> Kills:
     """Run sort-once over the dump, kill -9 it, again and again, until a run ends by itself.
-    A run is killed at a random moment drawn evenly from the time it would take (start-up,
-    0.3 s, plus per_file seconds for each file still in the dump), or, for half the runs when
-    steps are given, by itself at the n-th hit of one of those crash points."""
+    A run is killed at a random moment (see _moment: per_file seconds for each file still in
+    the dump), or, for half the runs when steps are given, by itself at the n-th hit of one
+    of those crash points."""
     total = len(inputs.files) + len(inputs.bad)
     result = Kills()
     started = time.monotonic()
@@ -252,7 +263,7 @@ def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: fl
         process = _dumpwatch(site, "sort-once", str(site / "dump"), failpoint=armed[1] if armed else "")
         result.runs += 1
         try:
-            code = process.wait(timeout=120 if armed else rng.uniform(0.02, 0.3 + per_file * remaining))
+            code = process.wait(timeout=120 if armed else _moment(rng, per_file * remaining))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -270,15 +281,15 @@ def sort_once_kills(site: Path, inputs: Inputs, rng: random.Random, per_file: fl
 
 
 def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, budget: float,
-                kills: int, steps: tuple[str, ...] = (), feed_seconds: float = 0.0) -> Kills:
+                kills: int, steps: tuple[str, ...] = (), paced: bool = False) -> Kills:
     """serve watches the dump while a feeder writes the inputs into it in bursts (each file
     closed in the dump, as storescp does); serve is killed -9 at random moments, at most
     budget seconds apart, or, for half its starts when steps are given, by itself at the n-th
     hit of one of those crash points (or, if it is not reached, by the timer, given four
     times as long); it is started again at once, as a supervisor does.
-    The inputs arrive over about feed_seconds (at once, if 0). Ends when every input has
-    arrived, serve has been killed at least `kills` times, and the dump is empty; then a
-    SIGTERM must stop it with exit 0."""
+    If paced, files arrive no faster than the kills come, so that the kills spread over the
+    whole arrival. Ends when every input has arrived, serve has been killed at least `kills`
+    times, and the dump is empty; then a SIGTERM must stop it with exit 0."""
     dump = site / "dump"
     dump.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(source), key=lambda n: rng.random())
@@ -295,8 +306,9 @@ def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, bu
 
     process, armed, next_kill = start()
     while True:
+        allowed = total * (result.kills + 1) / kills if paced else total
         for _ in range(rng.randint(1, 20)):  # files arrive in bursts
-            if fed < total:
+            if fed < min(total, allowed):
                 name = names[fed]
                 with open(source / name, "rb") as reader, open(dump / name, "wb") as writer:
                     shutil.copyfileobj(reader, writer)  # written and closed in the dump: an event
@@ -304,7 +316,7 @@ def serve_kills(site: Path, source: Path, inputs: Inputs, rng: random.Random, bu
                     os.utime(dump / name, (1e9, 1e9))
                 os.unlink(source / name)
                 fed += 1
-        time.sleep(rng.uniform(0, max(0.05, 2 * feed_seconds * 10.5 / total)))  # 10.5: the mean burst
+        time.sleep(rng.uniform(0, 0.05))
         code = process.poll()
         if code is not None:  # killed at its crash point: in itself (-9), or a worker (serve exits 1)
             assert armed and code in (-signal.SIGKILL, 1), f"serve exited by itself with {code} ({armed})"

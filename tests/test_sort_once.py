@@ -636,3 +636,25 @@ def test_a_full_disk_loses_nothing_and_the_rerun_finishes(tmp_path, testdata, ex
         assert_journal_agrees(out / "sorted")
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, monkeypatch):
+    """Past CACHED_NAMES, the folders used longest ago are forgotten and read again from disk.
+    With a limit of one name, every batch reads its folders again: echo renames, series
+    folders and identical re-sends must come out exactly as with everything kept."""
+    from dumpwatch import tree
+
+    for name in ("kept", "forgotten"):
+        copy_testdata(testdata, tmp_path / f"dump-{name}", "siemens_fieldmap")
+        copy_testdata(testdata, tmp_path / f"dump-{name}" / "again", "siemens_fieldmap")  # a re-send
+    kept = sort_dir(tmp_path / "dump-kept", Config(dir_out=tmp_path / "kept", dir_quarantine=tmp_path / "q"))
+    monkeypatch.setattr(tree, "CACHED_NAMES", 1)
+    loads = []
+    load = tree.Tree._load
+    monkeypatch.setattr(tree.Tree, "_load", lambda self, rel: loads.append(rel) or load(self, rel))
+    forgotten = sort_dir(tmp_path / "dump-forgotten",
+                         Config(dir_out=tmp_path / "forgotten", dir_quarantine=tmp_path / "q"))
+    assert kept.counts == forgotten.counts and forgotten.counts["duplicate"] == 108, forgotten.counts
+    assert tree_of(tmp_path / "forgotten") == tree_of(tmp_path / "kept")
+    assert len(tree_of(tmp_path / "kept")) == 108
+    assert len(loads) > 3 * len(set(loads)), "the folders were not forgotten and read again"
