@@ -1,6 +1,6 @@
 """Fault campaigns: break dumpwatch on purpose, many times, and count what survives.
 
-Shared by tests/test_campaigns.py (short runs in `make test`) and bench/campaign.py (the long
+Shared by tests/test_campaigns.py (short runs in `make test`) and bench/kill_campaign.py (the long
 runs whose figures are in docs/reliability.md). Every campaign ends with check(): each input
 is in the sorted tree exactly once, whole (or in the quarantine with its reason), nothing is
 left half-written in dir_out, and the journal agrees with the tree.
@@ -169,19 +169,20 @@ def assert_journal_agrees(out: Path) -> None:
 # -- crash anywhere ------------------------------------------------------------------------------
 
 
-# The chain's named crash points (dumpwatch/failpoints.py), and how many times each is
-# reached per file at most: a kill at the n-th hit lands somewhere in the run.
+# The chain's named crash points (dumpwatch/failpoints.py): how many times each is reached
+# per file at most, and whether in a worker process (one of two) or in the main one. A kill
+# at the n-th hit, n drawn below that, lands somewhere in the run.
 STEPS = {
-    "read": 1.0,  # a worker: the header read
-    "prepared": 1.0,  # a worker: checked, anonymised, named
-    "journal-begun": 1 / 16,  # once a batch: the journal holds the plans
-    "renamed": 0.0,  # an echo-1 file renamed _01 (a few dozen in each field map copy)
-    "placed": 1.0,  # linked or renamed into the tree
-    "unlink-source": 1.0,  # a rewritten file's source removed
-    "sources-removed": 1 / 16,  # once a batch: before the journal is told
-    "quarantine-slot": 0.0,  # a bad file's name in the quarantine chosen (twice a round)
-    "quarantine-reserved": 0.0,  # its reason written
-    "quarantined": 0.0,  # moved there
+    "read": (1.0, True),  # the header read
+    "prepared": (1.0, True),  # checked, anonymised, named
+    "journal-begun": (1 / 64, False),  # once a batch (64 files at most): the journal holds the plans
+    "renamed": (0.0, False),  # an echo-1 file renamed _01 (a few dozen in each field map copy)
+    "placed": (1.0, False),  # linked or renamed into the tree
+    "unlink-source": (1.0, False),  # a rewritten file's source removed
+    "sources-removed": (1 / 64, False),  # once a batch: before the journal is told
+    "quarantine-slot": (0.0, False),  # a bad file's name in the quarantine chosen (twice a round)
+    "quarantine-reserved": (0.0, False),  # its reason written
+    "quarantined": (0.0, False),  # moved there
 }
 TIMER = "at a random moment"
 
@@ -215,11 +216,12 @@ def _armed(rng: random.Random, remaining: int, steps: tuple[str, ...]) -> tuple[
     if not steps or rng.random() < 0.5:
         return None
     step = rng.choice(steps)
-    reach = max(8 if step == "renamed" else 2, int(STEPS[step] * remaining / 2))  # per worker, of two
+    per_file, in_worker = STEPS[step]
+    reach = max(8 if step == "renamed" else 2, int(per_file * remaining / (2 if in_worker else 1)))
     return step, f"{step}={rng.randint(1, reach)}"
 
 
-STARTUP = 0.5  # seconds from a dumpwatch command to its first file, on the 2-core machine
+STARTUP = 0.25  # seconds from a dumpwatch command to its first file, on the 2-core machine
 
 
 def _moment(rng: random.Random, work: float) -> float:
@@ -357,7 +359,8 @@ def storescp_kills(cfg: Path, files: list[Path], rng: random.Random, kills: int,
     """A scanner sends the files again and again; storescp (and the children it forked for
     associations) is killed -9 at a random moment of each send and started again, as a
     supervisor does, while serve sorts. The files written when the kill came are left
-    truncated in the dump. Then one whole send. Progress: the share of the send's time elapsed."""
+    truncated in the dump. Then one whole send. Each kill comes within budget seconds of the
+    send's start (less, once a send went through sooner). Progress: the moment / budget."""
     from dcmtk import Serve, Storescp, storescu  # the end-to-end helpers: pytest's, and DCMTK's
 
     work = cfg.parent
@@ -369,7 +372,8 @@ def storescp_kills(cfg: Path, files: list[Path], rng: random.Random, kills: int,
             sender = storescu(scp.port, files, work, wait=False)
             moment = rng.uniform(0.05, budget)
             time.sleep(moment)
-            if sender.poll() is not None:  # the whole send went through before the kill
+            if sender.poll() is not None:  # the whole send went through before the kill: aim sooner
+                budget = max(0.1, moment)
                 continue
             scp.kill(signal.SIGKILL)
             sender.communicate(timeout=60)

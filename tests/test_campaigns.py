@@ -1,9 +1,11 @@
 """The fault campaigns of docs/reliability.md, short: a few kills each. The long runs, with
-hundreds of kills and thousands of files, are `python bench/campaign.py`."""
+hundreds of kills and thousands of files, are `python bench/kill_campaign.py`."""
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
 import pytest
 from campaign import (
@@ -78,4 +80,35 @@ def test_storescp_killed_mid_association_then_the_scanner_sends_again(tmp_path, 
     assert set(tree_sops(site / "sorted")) == sops
     reasons = quarantined(site / "quarantine")
     assert all(r.startswith(("truncated", "incomplete")) for r in reasons.values()), reasons
+    assert_journal_agrees(site / "sorted")
+
+
+@needs_dcmtk
+def test_eight_scanners_at_once_each_sending_twice(tmp_path):
+    """The short form of bench/load.py: eight storescu processes at once, each its own series,
+    each sent twice (the second time an identical re-send): every instance once in the tree."""
+    from dcmtk import Serve, Storescp, storescu
+
+    files = sorted(corpus_cache(300).iterdir())
+    shares = [files[number::8] for number in range(8)]
+    cfg = dcmtk_config(tmp_path / "site")
+    scp, serve = Storescp(cfg), Serve(cfg)
+    try:
+        for _ in range(2):
+            senders = [storescu(scp.port, share, tmp_path, wait=False) for share in shares]
+            for sender in senders:
+                out, _ = sender.communicate(timeout=300)
+                assert sender.returncode == 0, out
+        site = cfg.parent
+        deadline = time.monotonic() + 60
+        while any(n != ".dumpwatch.lock" for n in os.listdir(site / "dump")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert_dump_empty(site / "dump")
+        sops = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        assert set(tree_sops(site / "sorted")) == sops
+        assert not quarantined(site / "quarantine")
+    finally:
+        code = serve.stop()
+        scp.stop()
+    assert code == 0
     assert_journal_agrees(site / "sorted")

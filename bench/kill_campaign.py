@@ -11,9 +11,11 @@ every input is in the tree exactly once and whole (or quarantined with its reaso
 is staged or hidden in dir_out, the dump is empty, and the journal agrees with the tree.
 Both with files moved as they are and with the Basic Profile (rewritten files).
 
-    python bench/campaign.py [--files 2000] [--fieldmaps 4] [--kills 55] [--seed 1]
+    python bench/kill_campaign.py [--files 2000] [--fieldmaps 4] [--kills 55] [--seed 1]
 
---kills is per campaign; there are four (sort-once and serve, moved and anonymised).
+--kills is per campaign; there are five (sort-once and serve, moved and anonymised; and
+storescp killed mid-association while serve sorts, then one whole send: every instance
+once in the tree, each partial file quarantined as truncated).
 """
 
 from __future__ import annotations
@@ -29,7 +31,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from campaign import STEPS, TIMER, Kills, check, make_inputs, serve_kills, sort_once_kills, write_config  # noqa: E402
+from campaign import (  # noqa: E402
+    FIELDMAP,
+    STEPS,
+    TIMER,
+    Kills,
+    assert_dump_empty,
+    assert_journal_agrees,
+    check,
+    corpus_cache,
+    make_inputs,
+    quarantined,
+    serve_kills,
+    sort_once_kills,
+    storescp_kills,
+    tree_sops,
+    write_config,
+)
+from pydicom import dcmread  # noqa: E402
 
 TESTDATA = HERE.parent.parent / "shared" / "testdata"
 
@@ -44,7 +63,7 @@ def sort_once_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rn
         site = base / f"sort-once-{number}"
         write_config(site, anonymise)
         inputs = make_inputs(site / "dump", TESTDATA, args.files, args.fieldmaps, seed=args.seed * 1000 + number)
-        result.merge(sort_once_kills(site, inputs, rng, per_file=0.003 if anonymise else 0.0005,
+        result.merge(sort_once_kills(site, inputs, rng, per_file=0.003 if anonymise else 0.0004,
                                      steps=steps(anonymise)))
         check(site, inputs, anonymise)
         files += len(inputs.files) + len(inputs.bad)
@@ -63,6 +82,23 @@ def serve_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rng: r
     check(site, inputs, anonymise)
     shutil.rmtree(site)
     return result, len(inputs.files) + len(inputs.bad)
+
+
+def storescp_campaign(base: Path, args: argparse.Namespace, rng: random.Random) -> tuple[Kills, int, dict]:
+    """storescp killed -9 mid-association again and again while serve sorts; then a whole send."""
+    from dcmtk import write_config as site_config
+
+    files = sorted(corpus_cache(args.files).iterdir()) + sorted((TESTDATA / FIELDMAP).iterdir())
+    sops = {str(dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files}
+    cfg = site_config(base / "site")
+    result = storescp_kills(cfg, files, rng, kills=args.kills, budget=2.0)
+    site = cfg.parent
+    assert_dump_empty(site / "dump")
+    assert set(tree_sops(site / "sorted")) == sops, "not every instance is in the tree once"
+    reasons = quarantined(site / "quarantine")
+    assert all(r.startswith(("truncated", "incomplete")) for r in reasons.values()), reasons
+    assert_journal_agrees(site / "sorted")
+    return result, len(files), reasons
 
 
 def spread(progress: list[float]) -> str:
@@ -94,6 +130,10 @@ def main() -> None:
                 rows.append((command, mode, files, result))
                 print(f"  {result.kills} kills in {result.runs} runs, {result.seconds:.0f} s: every check passed",
                       flush=True)
+        print("storescp, killed mid-association:", flush=True)
+        scp, sent, reasons = storescp_campaign(Path(scratch) / "storescp", args, rng)
+        print(f"  {scp.kills} kills, {scp.seconds:.0f} s: every instance once in the tree, "
+              f"{len(reasons)} partial files quarantined as truncated", flush=True)
     total = Kills()
     for *_, result in rows:
         total.merge(result)
@@ -105,6 +145,10 @@ def main() -> None:
         at_points = result.kills - result.where.get(TIMER, 0)
         print(f"| {command}, {mode} | {files:,} | {result.runs} | {result.kills} | {at_points} | "
               f"{spread(result.progress)} |")
+    print(f"| storescp killed mid-association, then one whole send | {sent:,} a send | {scp.runs} | {scp.kills} | "
+          f"- | {spread(scp.progress)} (of the send's time) |")
+    print(f"\nstorescp: {len(reasons)} partial files left by the kills, every one quarantined as truncated; "
+          "every instance once in the tree after the whole send.")
     print("\n| where the kill landed | kills |\n|---|---:|")
     for where in (*STEPS, TIMER):
         print(f"| {where} | {total.where.get(where, 0)} |")
