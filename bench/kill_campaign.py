@@ -40,6 +40,7 @@ from campaign import (  # noqa: E402
     assert_journal_agrees,
     check,
     corpus_cache,
+    crash_points,
     make_inputs,
     quarantined,
     serve_kills,
@@ -53,10 +54,6 @@ from pydicom import dcmread  # noqa: E402
 TESTDATA = HERE.parent.parent / "shared" / "testdata"
 
 
-def steps(anonymise: bool) -> tuple[str, ...]:
-    return tuple(step for step in STEPS if anonymise or step != "unlink-source")
-
-
 def sort_once_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rng: random.Random) -> tuple[Kills, int]:
     result, files, number = Kills(), 0, 0
     while result.kills < args.kills:
@@ -64,7 +61,7 @@ def sort_once_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rn
         write_config(site, anonymise)
         inputs = make_inputs(site / "dump", TESTDATA, args.files, args.fieldmaps, seed=args.seed * 1000 + number)
         result.merge(sort_once_kills(site, inputs, rng, per_file=0.003 if anonymise else 0.0004,
-                                     steps=steps(anonymise)))
+                                     steps=crash_points(anonymise)))
         check(site, inputs, anonymise)
         files += len(inputs.files) + len(inputs.bad)
         shutil.rmtree(site)
@@ -78,7 +75,7 @@ def serve_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rng: r
     write_config(site, anonymise)
     inputs = make_inputs(base / "arriving", TESTDATA, args.files, args.fieldmaps, seed=args.seed * 1000 + 999)
     result = serve_kills(site, base / "arriving", inputs, rng, budget=3.0 if anonymise else 2.0,
-                         kills=args.kills, steps=steps(anonymise), paced=True)
+                         kills=args.kills, steps=crash_points(anonymise), paced=True)
     check(site, inputs, anonymise)
     shutil.rmtree(site)
     return result, len(inputs.files) + len(inputs.bad)

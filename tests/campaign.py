@@ -187,6 +187,11 @@ STEPS = {
 TIMER = "at a random moment"
 
 
+def crash_points(anonymise: bool) -> tuple[str, ...]:
+    """The crash points a run reaches: only a rewritten file has a source removed after placing."""
+    return tuple(step for step in STEPS if anonymise or step != "unlink-source")
+
+
 @dataclass
 class Kills:
     """How a campaign went: kills, where each landed, and how far each run had got."""

@@ -10,11 +10,11 @@ import time
 import pytest
 from campaign import (
     FIELDMAP,
-    STEPS,
     assert_dump_empty,
     assert_journal_agrees,
     check,
     corpus_cache,
+    crash_points,
     make_inputs,
     quarantined,
     serve_kills,
@@ -30,11 +30,6 @@ from pydicom import dcmread
 KILLS = 6  # at least, in each short campaign
 
 
-def steps(anonymise: bool) -> tuple[str, ...]:
-    """The crash points a run reaches: only a rewritten file has a source removed after placing."""
-    return tuple(step for step in STEPS if anonymise or step != "unlink-source")
-
-
 @pytest.mark.parametrize("anonymise", [False, True], ids=["move", "basic-profile"])
 def test_sort_once_killed_again_and_again(tmp_path, testdata, anonymise):
     """Rounds of fresh inputs until enough kills have landed; after each round, every input
@@ -46,7 +41,7 @@ def test_sort_once_killed_again_and_again(tmp_path, testdata, anonymise):
         write_config(site, anonymise)
         inputs = make_inputs(site / "dump", testdata, files=300, fieldmaps=2, seed=number)
         kills += sort_once_kills(site, inputs, rng, per_file=0.004 if anonymise else 0.001,
-                                 steps=steps(anonymise)).kills
+                                 steps=crash_points(anonymise)).kills
         check(site, inputs, anonymise)
         if kills >= KILLS:
             break
@@ -60,7 +55,7 @@ def test_serve_killed_again_and_again_while_files_arrive(tmp_path, testdata, ano
     write_config(site, anonymise)
     inputs = make_inputs(tmp_path / "arriving", testdata, files=300, fieldmaps=2, seed=12)
     result = serve_kills(site, tmp_path / "arriving", inputs, rng, budget=1.0, kills=KILLS,
-                         steps=steps(anonymise))
+                         steps=crash_points(anonymise))
     assert result.kills >= KILLS
     check(site, inputs, anonymise)
 
