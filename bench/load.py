@@ -9,9 +9,12 @@ senders: storescp (scripts/storescp.sh) and `dumpwatch serve`, with 8 storescu p
 sending at once over loopback, each its own set of files, again and again for --minutes
 (every pass after the first is an identical re-send, recognised as such). At the end every
 instance must be in the tree exactly once, nothing left in the dump, nothing quarantined;
-printed: files received per second, serve's memory after the first minute and at the end.
+printed: files received per second, the largest backlog of files waiting in the dump, the
+seconds from the last file received to the dump empty, serve's memory (serve and its
+workers, resident) after the first minute and at the end. serve runs at nice 19: storescp
+comes first, and with eight senders taking both cores, serve catches up afterwards.
 
-    python bench/load.py [--counts 10000,100000] [--senders 8] [--per-sender 2500] [--minutes 3]
+    python bench/load.py [--counts 10000,100000] [--senders 8] [--per-sender 2500] [--minutes 2]
 """
 
 from __future__ import annotations
@@ -129,14 +132,17 @@ def backfill(count: int) -> None:
 
 
 def senders(count: int, per_sender: int, minutes: float) -> None:
-    from dcmtk import Serve, Storescp, storescu, write_config
+    from dcmtk import Serve, Storescp, storescu, storescu_config, write_config
 
     corpus = small_corpus(count * per_sender)
     files = sorted(corpus.iterdir())
     shares = [files[number::count] for number in range(count)]
     with tempfile.TemporaryDirectory(prefix="dumpwatch-senders-", dir=WORK) as scratch:
         cfg = write_config(Path(scratch) / "site")
+        profiles = [storescu_config(share, Path(scratch) / f"profile-{n}.cfg") for n, share in enumerate(shares)]
         scp, serve = Storescp(cfg), Serve(cfg)
+        dump = Path(scratch) / "site" / "dump"
+        backlog = [0]
         peaks = Peaks(serve.process.pid)
         sent = [0] * count
         failures: list[str] = []
@@ -145,7 +151,7 @@ def senders(count: int, per_sender: int, minutes: float) -> None:
 
         def sender(number: int) -> None:
             while time.monotonic() < deadline:
-                process = storescu(scp.port, shares[number], Path(scratch), wait=False)
+                process = storescu(scp.port, shares[number], Path(scratch), wait=False, profile=profiles[number])
                 output, _ = process.communicate()
                 if process.returncode:
                     failures.append(output[-500:])
@@ -156,15 +162,16 @@ def senders(count: int, per_sender: int, minutes: float) -> None:
         threads = [threading.Thread(target=sender, args=(n,)) for n in range(count)]
         for thread in threads:
             thread.start()
-        time.sleep(min(60, minutes * 30))
-        memory["first"] = peaks.current()
-        for thread in threads:
-            thread.join()
+        first = time.monotonic() + min(60, minutes * 30)
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(2)
+            backlog[0] = max(backlog[0], len(os.listdir(dump)) - 1)
+            if "first" not in memory and time.monotonic() >= first:
+                memory["first"] = peaks.current()
         received = time.monotonic() - started
-        dump = Path(scratch) / "site" / "dump"
-        limit = time.monotonic() + 120
+        limit = time.monotonic() + 1800
         while any(name != ".dumpwatch.lock" for name in os.listdir(dump)) and time.monotonic() < limit:
-            time.sleep(0.1)
+            time.sleep(0.5)
         settled = time.monotonic() - started - received
         memory["end"] = peaks.current()
         peaks.finish()
@@ -179,7 +186,7 @@ def senders(count: int, per_sender: int, minutes: float) -> None:
         assert_journal_agrees(site / "sorted")
         total = sum(sent)
         print(f"| {count} | {received / 60:.1f} min | {total:,} ({total - len(files):,} re-sent) | "
-              f"{total / received:,.0f} | {settled:.2f} s | {memory['first'] / 1024:.0f} MB | "
+              f"{total / received:,.0f} | {backlog[0]:,} | {settled:.0f} s | {memory['first'] / 1024:.0f} MB | "
               f"{memory['end'] / 1024:.0f} MB | {peaks.main / 1024:.0f} MB |", flush=True)
 
 
@@ -188,7 +195,7 @@ def main() -> None:
     parser.add_argument("--counts", default="10000,100000", help="backfill sizes, in files")
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--per-sender", type=int, default=2500)
-    parser.add_argument("--minutes", type=float, default=3)
+    parser.add_argument("--minutes", type=float, default=2)
     parser.add_argument("--only", choices=["backfill", "senders"])
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
@@ -198,9 +205,9 @@ def main() -> None:
         for count in (int(c) for c in args.counts.split(",")):
             backfill(count)
     if args.only != "backfill":
-        print("\n| senders | for | files received | files/s | last file to dump empty | "
-              "serve RSS at 1 min | at the end | serve main's peak |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| senders | for | files received | files/s received | largest backlog in the dump | "
+              "last file to dump empty | serve RSS at 1 min | at the end | serve main's peak |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         senders(args.senders, args.per_sender, args.minutes)
 
 

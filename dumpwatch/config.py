@@ -161,6 +161,8 @@ KEYS: dict[str, Key] = {
                           "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
     "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
     "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
+    "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
+                   "queue and sweeps take more as these are done"),
     "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
     "rules_dir": Key(str, "rules/ beside dumpwatch", "where anon_profile finds layers by name", kind="path"),
     "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "
@@ -203,6 +205,7 @@ class Config:
     stable_seconds: float = 2.0
     sweep_interval: float = 60.0
     backlog_alarm: float = 300.0
+    in_hand: int = 20_000
     anon_profile: tuple[str, ...] = ()
     rules_dir: Path | None = None
     anon_key: Path | None = None

@@ -246,6 +246,7 @@ class Server:
         self.observer = None
         self.dump_id: tuple[int, int] | None = None
         self.alarm = _OverflowAlarm(self.todo)
+        self.backlog = False  # files were let go for want of room: sweep when there is room
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -273,6 +274,9 @@ class Server:
                 if moment >= next_sweep:
                     self._sweep()
                     next_sweep = moment + self.cfg.sweep_interval
+                elif self.backlog and self._in_hand() < self.cfg.in_hand // 2:
+                    log.info("more files wait in the dump than in_hand (%d): taking more", self.cfg.in_hand)
+                    self._sweep()
                 self._due_retries(moment)
                 self._settled(moment)
                 if self.pending and (len(self.pending) >= CHUNK or moment >= self.submit_at):
@@ -343,8 +347,17 @@ class Server:
 
     # -- feeding the workers ------------------------------------------------------------
 
+    def _in_hand(self) -> int:
+        """Files noted, waiting or at a worker. At cfg.in_hand, the dump itself is the queue:
+        an event finds no room and is let go (the file stays in the dump), and a sweep takes
+        more once half are done. So memory stays flat however far sorting falls behind."""
+        return len(self.busy) + len(self.changed)
+
     def _want(self, path: str) -> None:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
+            return
+        if path not in self.changed and self._in_hand() >= self.cfg.in_hand:
+            self.backlog = True  # it stays in the dump; a sweep takes it when there is room
             return
         self.changed.pop(path, None)  # closed by its writer: finished now
         self.busy.add(path)
@@ -369,38 +382,51 @@ class Server:
         writing: a non-image object cut at an element boundary looks whole. So a swept file
         goes to a worker only once it has stood still for stable_seconds and no process has
         it open; a file that is closed meanwhile comes by its event at once.
+
+        The listing is read as it comes, never held whole, and a sweep takes no more files
+        than there is room for in hand (the in_hand key); if it stops short, another follows
+        once half of those are done.
         """
+        self.sorter.tidy()  # staged copies of workers that died, after a kill
+        self.backlog = False
+        waiting = {path for _, path in self.retries}
+        moment, clock = time.monotonic(), time.time()
+        polling = self.cfg.observer == "polling"
+        room = self.cfg.in_hand - self._in_hand()
         try:
             with os.scandir(self.dump) as listing:
-                entries = [e for e in listing if e.name != LOCK_NAME and not e.is_dir(follow_symlinks=False)]
+                for entry in listing:
+                    if entry.name == LOCK_NAME or entry.is_dir(follow_symlinks=False):
+                        continue
+                    path = entry.path
+                    if path in waiting or path in self.busy or path in self.changed:
+                        continue
+                    if room <= 0:
+                        self.backlog = True
+                        break
+                    room -= 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        self._want(path)  # the worker says what is wrong with it
+                        continue
+                    # On a local disk the file's mtime and our clock agree: a file still since
+                    # long enough is checked at once. Polling (NFS, SMB): the server's clock may
+                    # differ, so only a file seen standing still here counts.
+                    still_since = moment if polling else moment - max(0.0, clock - st.st_mtime)
+                    self.changed[path] = (still_since, _signature(st))
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # made anew by the next start; storescp needs it back
                 raise ServeFailed(
                     f"the dump {self.dump} was removed or replaced; starting again makes it anew") from None
             log.error("cannot list the dump %s: %s", self.dump, exc.strerror)
-            return
-        self.sorter.tidy()  # staged copies of workers that died, after a kill
-        waiting = {path for _, path in self.retries}
-        moment, clock = time.monotonic(), time.time()
-        polling = self.cfg.observer == "polling"
-        for entry in sorted(entries, key=lambda e: e.name):
-            path = entry.path
-            if path in waiting or path in self.busy or path in self.changed:
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                self._want(path)  # the worker says what is wrong with it
-                continue
-            # On a local disk the file's mtime and our clock agree: a file still since
-            # long enough is checked at once. Polling (NFS, SMB): the server's clock may
-            # differ, so only a file seen standing still here counts.
-            still_since = moment if polling else moment - max(0.0, clock - st.st_mtime)
-            self.changed[path] = (still_since, _signature(st))
 
     def _note(self, path: str, moment: float) -> None:
         """Polling: path changed just now."""
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
+            return
+        if path not in self.changed and self._in_hand() >= self.cfg.in_hand:
+            self.backlog = True  # as in _want
             return
         try:
             self.changed[path] = (moment, _signature(os.lstat(path)))

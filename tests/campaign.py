@@ -422,7 +422,7 @@ class Flood:
     overflowed: bool  # serve saw the overflow (and swept at once)
 
 
-def flood(site: Path, source: Path, queue: int) -> Flood:
+def flood(site: Path, source: Path, queue: int | None) -> Flood:
     """Start serve while the kernel's inotify queue limit is `queue` events (the limit applies
     to a watch made while it holds; it is put back as soon as serve watches), then write every
     file of source into the dump as fast as one process can: the queue overflows and events
@@ -431,7 +431,8 @@ def flood(site: Path, source: Path, queue: int) -> Flood:
     dump.mkdir(parents=True, exist_ok=True)
     log = site / "dumpwatch.out"
     old = QUEUE.read_text()
-    QUEUE.write_text(f"{queue}\n")
+    if queue is not None:  # else the kernel's limit as it is
+        QUEUE.write_text(f"{queue}\n")
     try:
         process = _dumpwatch(site, "serve")
         deadline = time.monotonic() + 30
@@ -439,7 +440,8 @@ def flood(site: Path, source: Path, queue: int) -> Flood:
             assert process.poll() is None, log.read_text(errors="replace")
             time.sleep(0.02)
     finally:
-        QUEUE.write_text(old)
+        if queue is not None:
+            QUEUE.write_text(old)
     try:
         names = sorted(os.listdir(source))
         started = time.monotonic()

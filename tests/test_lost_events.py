@@ -28,3 +28,18 @@ def test_an_inotify_overflow_loses_no_file(tmp_path):
     assert_dump_empty(site / "dump")
     assert len(tree_sops(site / "sorted")) == result.files == 300
     assert_journal_agrees(site / "sorted")
+
+
+def test_a_backlog_beyond_in_hand_waits_in_the_dump_and_is_all_sorted(tmp_path):
+    """Files arrive far faster than serve sorts them: beyond in_hand, serve lets their events
+    go (memory stays flat) and takes them from the dump as it catches up."""
+    source = tmp_path / "arriving"
+    shutil.copytree(corpus_cache(300), source)
+    site = tmp_path / "site"
+    write_config(site, anonymise=False, sweep_interval=600, in_hand=100)  # no timely periodic sweep
+    result = flood(site, source, queue=None)
+    assert not result.overflowed
+    assert "more files wait in the dump than in_hand (100): taking more" in (site / "dumpwatch.out").read_text()
+    assert_dump_empty(site / "dump")
+    assert len(tree_sops(site / "sorted")) == result.files == 300
+    assert_journal_agrees(site / "sorted")
