@@ -339,7 +339,8 @@ class Sorter:
         state = cfg.state_dir
         assert state is not None
         self.tree = Tree(cfg.dir_out, cfg.extension, cfg.dir_mode, cfg.group,
-                         lock_path=state / "tree.lock", dry_run=dry_run)
+                         lock_path=state / "tree.lock", dry_run=dry_run,
+                         stem_pattern=cfg.template.file_stem_pattern())
         self.journal: Journal | None = None
         self.staging = state / "tmp"
         self.staging_fd = -1

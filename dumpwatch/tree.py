@@ -21,6 +21,7 @@ from dumpwatch.naming import Name, is_safe_component
 log = logging.getLogger(__name__)
 
 # A sorted file name: stem, optional echo suffix "_NN", optional collision suffix "A", "A2", ...
+# (read with the template's own stem pattern first: Tree._parse)
 _NAME = re.compile(r"(?P<stem>.+?)(?:_(?P<echo>\d{2,}))?(?P<dup>A\d*)?")
 _FOREIGN = "?"  # the series of a folder whose files dumpwatch cannot read: never shared
 
@@ -61,8 +62,10 @@ class Tree:
     """Decides names under a lock shared by every dumpwatch process writing the same tree."""
 
     def __init__(self, root: Path, extension: str, dir_mode: int, gid: int | None,
-                 lock_path: Path | None = None, dry_run: bool = False):
+                 lock_path: Path | None = None, dry_run: bool = False, stem_pattern: str = ".+?"):
+        """stem_pattern: Template.file_stem_pattern(), to read names back from disk."""
         self.root = root
+        self._name = re.compile(rf"(?P<stem>{stem_pattern})(?:_(?P<echo>\d{{2,}}))?(?P<dup>A\d*)?")
         self.suffix = "." + extension
         self.dir_mode, self.gid, self.dry_run = dir_mode, gid, dry_run
         if not dry_run:
@@ -79,6 +82,14 @@ class Tree:
             self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
             set_owner_mode(self.lock_fd, 0o660, gid)  # every writer of the tree takes this lock
         self._batches = 0
+
+    def _parse(self, stem: str) -> re.Match:
+        """A sorted file's name (without extension): its stem, echo and collision suffixes,
+        read as the template makes them; a name the template cannot have made (a template
+        changed since, say), as any name."""
+        match = self._name.fullmatch(stem) or _NAME.fullmatch(stem)
+        assert match is not None  # _NAME matches any non-empty name
+        return match
 
     def close(self) -> None:
         for fd in (self.root_fd, self.lock_fd):
@@ -121,7 +132,7 @@ class Tree:
         if total <= CACHED_NAMES:
             return
         dropped = set()
-        for rel, folder in list(self.folders.items()):  # least recently used first
+        for rel, folder in list(self.folders.items())[:-1]:  # least recently used first; never the last
             if total <= CACHED_NAMES // 2:
                 break
             if not folder.disk:
@@ -153,7 +164,7 @@ class Tree:
         renames = []
         if multi:  # the series has more than one echo: its echo-1 files carry "_01"
             for old in sorted(folder.plain):
-                match = _NAME.fullmatch(old[: -len(self.suffix)])
+                match = self._parse(old[: -len(self.suffix)])
                 new = self._free(folder, f"{match['stem']}_01{match['dup'] or ''}")
                 renames.append((old, new))
                 self._rename_in_memory(folder, old, new)
@@ -196,7 +207,9 @@ class Tree:
         """The folder of this series: the template's, or "<name>_2", "_3"... if that holds another series."""
         key = (folders, series_uid)
         if key in self.claims:
-            return self.claims[key]
+            folder = self.claims[key]
+            self.folders[folder.rel] = self.folders.pop(folder.rel, folder)  # used now: kept longest
+            return folder
         parent, base = folders[:-1], folders[-1]
         for number in range(1, 10_000):
             rel = (*parent, base if number == 1 else f"{base}_{number}")
@@ -228,7 +241,7 @@ class Tree:
                     if not entry.is_file(follow_symlinks=False):
                         continue
                     folder.names.add(entry.name)
-                    match = _NAME.fullmatch(entry.name[: -len(self.suffix)])
+                    match = self._parse(entry.name[: -len(self.suffix)])
                     if match and match["echo"]:
                         folder.echoes.add(int(match["echo"]))
                         # An "_01" file was renamed because a second echo came (perhaps before

@@ -353,10 +353,15 @@ class Server:
         more once half are done. So memory stays flat however far sorting falls behind."""
         return len(self.busy) + len(self.changed)
 
+    def _room(self) -> int:
+        """Files in hand at most for a new arrival: once some wait in the dump, half, so that
+        the sweep for those comes (at half) before newer files take their place."""
+        return self.cfg.in_hand // 2 if self.backlog else self.cfg.in_hand
+
     def _want(self, path: str) -> None:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
-        if path not in self.changed and self._in_hand() >= self.cfg.in_hand:
+        if path not in self.changed and self._in_hand() >= self._room():
             self.backlog = True  # it stays in the dump; a sweep takes it when there is room
             return
         self.changed.pop(path, None)  # closed by its writer: finished now
@@ -425,7 +430,7 @@ class Server:
         """Polling: path changed just now."""
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
-        if path not in self.changed and self._in_hand() >= self.cfg.in_hand:
+        if path not in self.changed and self._in_hand() >= self._room():
             self.backlog = True  # as in _want
             return
         try:

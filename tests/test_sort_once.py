@@ -658,3 +658,25 @@ def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, m
     assert tree_of(tmp_path / "forgotten") == tree_of(tmp_path / "kept")
     assert len(tree_of(tmp_path / "kept")) == 108
     assert len(loads) > 3 * len(set(loads)), "the folders were not forgotten and read again"
+
+
+@pytest.mark.parametrize("cached", [50_000, 0], ids=["restart", "forgotten-mid-run"])
+def test_a_template_whose_file_name_ends_in_underscore_digits_is_read_back_right(
+        tmp_path, template_file, monkeypatch, cached):
+    """IMG_0001.dcm is not 'IMG' with echo 0001: read back from disk (after a restart, or
+    when the tree forgot the folder mid-run), the series stays single-echo and a re-send is
+    recognised."""
+    from dumpwatch import tree
+    from dumpwatch.naming import Template
+
+    monkeypatch.setattr(tree, "CACHED_NAMES", cached)
+    cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q",
+                 template=Template.parse("<PatientName>/<SeriesNumber:03>/IMG_<InstanceNumber:04>"))
+    first = [make_dicom(tmp_path / "one" / f"MR.{n}", template_file, InstanceNumber=n) for n in (1, 2, 3)]
+    shutil.copyfile(first[0], tmp_path / "resend")
+    assert sort_dir(tmp_path / "one", cfg).exit_code == 0
+    make_dicom(tmp_path / "two" / "MR.4", template_file, InstanceNumber=4)
+    shutil.move(tmp_path / "resend", tmp_path / "two" / "MR.1-again")
+    summary = sort_dir(tmp_path / "two", cfg)
+    assert summary.counts == {"sorted": 1, "duplicate": 1}, summary.counts
+    assert sorted(tree_of(tmp_path / "out")) == [f"phantom/002/IMG_{n:04d}.dcm" for n in (1, 2, 3, 4)]
