@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from campaign import assert_journal_agrees  # no move under way; each sorted file's row, once
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -74,16 +75,6 @@ def journal_rows(out: Path) -> list[sqlite3.Row]:
         return db.execute("SELECT * FROM outcomes ORDER BY id").fetchall()
     finally:
         db.close()
-
-
-def assert_journal_agrees(out: Path) -> None:
-    """No move under way, and every sorted file in the tree has its 'sorted' row, once."""
-    rows = journal_rows(out)
-    assert not [dict(r) for r in rows if not r["done"]]
-    sorted_rows = [r["dest"] for r in rows if r["outcome"] == "sorted"]
-    assert len(sorted_rows) == len(set(sorted_rows))
-    on_disk = {str(out / rel) for rel in tree_of(out)}
-    assert set(sorted_rows) == on_disk
 
 
 def config(tmp_path: Path, **changes) -> Config:
