@@ -83,7 +83,6 @@ def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, in
         names.sort()
         for name in names:
             yield os.path.join(folder, name)
-        del names
         folders.sort()
         stack.extend(reversed(folders))
 
