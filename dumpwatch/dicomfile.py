@@ -59,6 +59,8 @@ class DicomFile:
     data: bytes | None  # the whole file when it is small enough to hold in memory
     complete_header: bool  # ds holds every header element (else only those asked for)
     trailing: bool = False  # elements follow the pixel data (a digital signature, padding)
+    identity: str = ""  # of the data set and its transfer syntax: see data_set_identity()
+    body_size: int = 0  # bytes after the file meta group
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -142,17 +144,18 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
         try:
             _check_start(buffer, size)
+            identity, body = data_set_identity(buffer, size)
             if wanted is not None:
                 try:
                     ds = scan(buffer, size, wanted)
-                    return DicomFile(path, fd, st, size, digest, ds, 0, data, False)
+                    return DicomFile(path, fd, st, size, digest, ds, 0, data, False, False, identity, body)
                 except _Unexpected:
                     pass
             stream = io.BytesIO(data) if data is not None else open(os.dup(fd), "rb", buffering=1 << 20)
             with stream:
                 ds, tail = _parse_header(stream, size)
             trailing = check_complete(ds, size, buffer)
-            return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing)
+            return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing, identity, body)
         finally:
             if isinstance(buffer, mmap.mmap):
                 buffer.close()
@@ -199,6 +202,130 @@ def _parse_header(stream: io.IOBase, size: int) -> tuple[Dataset, int]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200]
+
+
+# -- identity ------------------------------------------------------------------------------
+
+
+def meta_end(buffer, size: int) -> tuple[int, str] | None:
+    """(where the data set starts, its transfer syntax UID) from the file meta group
+    (0002,xxxx), always Explicit VR Little Endian; None if it cannot be read."""
+    position, syntax = 132, None
+    while position + 8 <= size:
+        group, element, vr = struct.unpack_from("<HH2s", buffer, position)
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            if position + 12 > size:
+                return None
+            length, value_at = struct.unpack_from("<L", buffer, position + 8)[0], position + 12
+        else:
+            length, value_at = struct.unpack_from("<H", buffer, position + 6)[0], position + 8
+        if length == _UNDEFINED or value_at + length > size:
+            return None
+        if element == 0x0010:
+            syntax = bytes(buffer[value_at : value_at + length]).rstrip(b"\0 ").decode("ascii", "replace")
+        position = value_at + length
+    if syntax is None:
+        return None
+    return position, syntax
+
+
+def data_set_identity(buffer, size: int) -> tuple[str, int]:
+    """What makes two files the same instance: the bytes of the data set, in its transfer
+    syntax. A PACS that re-sends an image rewrites only its file meta (group 0002: the
+    sender's AE title, its implementation version, the group's length), so the file meta
+    is left out. Returns (hex digest, bytes of data set); a file whose meta cannot be read
+    is identified by all of its bytes."""
+    found = meta_end(buffer, size)
+    start, syntax = found if found else (0, "")
+    digest = hashlib.sha256(syntax.encode("ascii", "replace") + b"\0")
+    view = memoryview(buffer)
+    for offset in range(start, size, 1 << 24):
+        digest.update(view[offset : min(size, offset + (1 << 24))])
+    view.release()
+    return digest.hexdigest(), size - start
+
+
+def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
+    """data_set_identity() of a file in a folder (never through a symlink); None if it is
+    not a regular file or cannot be read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
+            return None
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buffer:
+            return data_set_identity(buffer, st.st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Header:
+    """The first elements of a file in the sorted tree, read without walking the rest."""
+
+    st: os.stat_result
+    ds: Dataset
+    body_size: int  # bytes after the file meta group
+
+
+_PREFIX = 16 * 1024  # most headers' early elements fit; else the file is mapped whole
+
+
+def read_prefix(dir_fd: int, name: str, wanted: frozenset[int]) -> Header | None:
+    """The wanted top-level elements of a file, walked only as far as the last of them
+    (a series folder's files are read to learn their series, instance and echo: the
+    per-frame sequences of an enhanced multi-frame file come later and are never parsed).
+    None if it is not a regular DICOM file that can be read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
+            return None
+        data = os.pread(fd, _PREFIX, 0)
+        try:
+            return _prefix_of(st, data, len(data) >= st.st_size, wanted)
+        except (Incomplete, _Unexpected):
+            if len(data) >= st.st_size:
+                return None
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as whole:
+            return _prefix_of(st, whole, True, wanted)
+    except (Rejected, _Unexpected, OSError, ValueError, struct.error):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _prefix_of(st: os.stat_result, buffer, whole: bool, wanted: frozenset[int]) -> Header | None:
+    size = len(buffer)
+    if buffer[128:132] != b"DICM":
+        return None
+    found = meta_end(buffer, size)
+    if found is None:
+        raise _Unexpected()
+    start, syntax = found
+    if syntax == _DEFLATED:
+        return None  # rare in a tree: such a file is nobody's series and no one's duplicate
+    implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
+    if not implicit and not _looks_explicit(buffer, start, size):
+        implicit = True
+    walker = _Walker(buffer, size, implicit, little)
+    wanted = wanted | _ALWAYS
+    values, _ = walker.walk(start, wanted, stop_after=max(wanted))
+    if not whole and not walker.stopped:
+        raise Incomplete("the wanted elements may lie beyond the part read")
+    ds = Dataset(values)
+    ds.set_original_encoding(implicit, little, None)
+    return Header(st, ds, st.st_size - start)
 
 
 # -- the walk ------------------------------------------------------------------------------
@@ -290,6 +417,7 @@ class _Walker:
         self.tag_len = struct.Struct(endian + "HHL")
         self.explicit = struct.Struct(endian + "HH2sH")
         self.long = struct.Struct(endian + "L")
+        self.stopped = False  # walk() stopped past stop_after, before the end
 
     def element(self, position: int, implicit: bool | None = None) -> tuple[int, bytes | None, int, int]:
         """(tag, VR or None, value position, length) of the element at position."""
@@ -310,13 +438,18 @@ class _Walker:
             raise _Unexpected()  # not a VR: the encoding changed under us
         return group << 16 | element, vr, position + 8, length
 
-    def walk(self, position: int, wanted: frozenset[int]) -> tuple[dict[int, RawDataElement], set[int]]:
-        """Walk top-level elements to the end of the file: (wanted elements, every tag met)."""
+    def walk(self, position: int, wanted: frozenset[int],
+             stop_after: int = 0xFFFFFFFF) -> tuple[dict[int, RawDataElement], set[int]]:
+        """Walk top-level elements to the end of the file (or past the tag stop_after):
+        (wanted elements, every tag met)."""
         found: dict[int, RawDataElement] = {}
         seen = set()
         buffer, size, implicit, little = self.buffer, self.size, self.implicit, self.little
         while position < size:
             tag, vr, value_at, length = self.element(position)
+            if tag > stop_after:
+                self.stopped = True
+                break
             seen.add(tag)
             if length == _UNDEFINED:
                 position = self._skip_items(value_at, tag, implicit or vr == b"UN")

@@ -23,7 +23,6 @@ FILE_ROOM = 40  # kept free in file names for "_02", "A2" and the extension
 _NAMING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
                "UC", "UI", "UR", "UT", "US", "UL", "SS", "SL", "SV", "UV", "FL", "FD"}
 
-_NUMERIC_VRS = {"DA", "DS", "DT", "IS", "TM", "US", "UL", "SS", "SL", "SV", "UV", "FL", "FD"}
 
 _FIELD = re.compile(r"<([^<>]*)>")
 _SPEC = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?::0?([1-9][0-9]?))?")
@@ -79,21 +78,6 @@ class Template:
             raise ValueError("a template needs at least a series folder and a file name, "
                              "e.g. <SeriesNumber>/<InstanceNumber>")
         return cls(text, tuple(components))
-
-    def file_stem_pattern(self) -> str:
-        """A regular expression for the stem of the file names this template makes, so that
-        the tree can tell an echo suffix ("_02") from the stem's own ending: a numeric
-        field matches only digits (or No/Empty/Bad<Keyword>), a literal only itself, and
-        text fields anything."""
-        pieces = []
-        for part in self.components[-1]:
-            if isinstance(part, str):
-                pieces.append(re.escape(part))
-            elif part.keyword == "InstanceNumber" or dictionary_VR(keyword_dict[part.keyword]) in _NUMERIC_VRS:
-                pieces.append(r"(?:[-+0-9.eE]+|(?:No|Empty|Bad)[A-Za-z0-9]+)")
-            else:
-                pieces.append(r".+?")
-        return "".join(pieces)
 
     @property
     def keywords(self) -> set[str]:

@@ -26,7 +26,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from dumpwatch import failpoints, keys
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
-from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
+from dumpwatch.dicomfile import DicomFile, NotRegular, meta_end, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import (
     AT_FDCWD,
@@ -132,6 +132,8 @@ class Prepared:
     sop_uid: str
     series_uid: str
     name: Name
+    identity: str  # of the data set to place: dicomfile.data_set_identity()
+    body_size: int  # its size
     staged: str | None = None  # a copy written to the staging folder, to place instead of source
     fresh: bool = False  # written moments ago: its writeback was started early
 
@@ -244,10 +246,11 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         header = _encode_header(dicom)
     name = friendly_name(ds, job.template, job.reserved)
     prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
-                        dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name)
+                        dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name,
+                        dicom.identity, dicom.body_size)
     if job.dry_run:
         if header is not None:
-            prepared.out_sha256, prepared.size = _digest_of(dicom, header)
+            _digest_of(dicom, header, prepared)
         return prepared
     if header is not None or job.copy or dicom.st.st_dev != job.out_device:
         _stage(dicom, prepared, header, job)
@@ -278,16 +281,24 @@ def _encode_header(dicom: DicomFile) -> bytes:
     return buffer.getvalue()
 
 
-def _digest_of(dicom: DicomFile, header: bytes) -> tuple[str, int]:
+def _digest_of(dicom: DicomFile, header: bytes, prepared: Prepared) -> None:
+    """The sha256, size and data set identity of the bytes to place: the changed header,
+    then the file's own bytes from its pixel data on."""
     digest = hashlib.sha256(header)
+    start, syntax = meta_end(header, len(header)) or (0, "")
+    identity = hashlib.sha256(syntax.encode("ascii", "replace") + b"\0" + memoryview(header)[start:])
     if dicom.data is not None:
-        digest.update(memoryview(dicom.data)[dicom.tail :])
+        tail = memoryview(dicom.data)[dicom.tail :]
+        digest.update(tail)
+        identity.update(tail)
     else:
         offset = dicom.tail
         while chunk := os.pread(dicom.fd, 1 << 20, offset):
             digest.update(chunk)
+            identity.update(chunk)
             offset += len(chunk)
-    return digest.hexdigest(), len(header) + dicom.size - dicom.tail
+    prepared.out_sha256, prepared.size = digest.hexdigest(), len(header) + dicom.size - dicom.tail
+    prepared.identity, prepared.body_size = identity.hexdigest(), prepared.size - start
 
 
 def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job) -> None:
@@ -310,7 +321,7 @@ def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job)
     retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
     prepared.staged = name
     if header is not None:
-        prepared.out_sha256, prepared.size = _digest_of(dicom, header)
+        _digest_of(dicom, header, prepared)
 
 
 # -- in the sorter ------------------------------------------------------------------------
@@ -338,9 +349,8 @@ class Sorter:
         self.cfg, self.copy, self.dry_run = cfg, copy, dry_run
         state = cfg.state_dir
         assert state is not None
-        self.tree = Tree(cfg.dir_out, cfg.extension, cfg.dir_mode, cfg.group,
-                         lock_path=state / "tree.lock", dry_run=dry_run,
-                         stem_pattern=cfg.template.file_stem_pattern())
+        self.tree = Tree(cfg.dir_out, cfg.extension, cfg.dir_mode, cfg.group, cfg.template,
+                         lock_path=state / "tree.lock", dry_run=dry_run)
         self.journal: Journal | None = None
         self.staging = state / "tmp"
         self.staging_fd = -1
@@ -430,7 +440,8 @@ class Sorter:
         plans: list[_Plan] = []
         for item in prepared:
             try:
-                decision = self.tree.decide(item.name, item.series_uid, item.out_sha256, item.size, item.dev, item.ino)
+                decision = self.tree.decide(item.name, item.series_uid, item.sop_uid, item.identity, item.body_size,
+                                            item.dev, item.ino)
             except Rejected as exc:
                 failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
                 self._unstage(item)
@@ -486,12 +497,17 @@ class Sorter:
         outcomes, finished = [], []
         stuck: list[Entry] = []  # placed, but their sources cannot be removed
         forgotten: list[int | None] = []
+        renamed = {r.source: r.dest for p in plans for r in p.renames}  # the echo renames carried out
         for plan in placed:
             item, decision = plan.item, plan.decision
             if decision.outcome == "duplicate" or decision.already:
                 self._unstage(item)  # its copy was not needed
-                if decision.outcome == "duplicate" and not _holds(plan.entry.dest, item.size):
-                    # Its twin in this batch was not placed after all: keep this one in the dump.
+                while plan.entry.dest in renamed:  # its twin got "_01" later in this batch
+                    plan.entry.dest = renamed[plan.entry.dest]
+                if decision.outcome == "duplicate" and not os.path.lexists(plan.entry.dest or ""):
+                    # Its twin in this batch was not placed after all: keep this one in the
+                    # dump, and look at the folder afresh when it is tried again.
+                    self.tree.forget(decision.folder)
                     undone.append((plan, "left", "the identical file it matched was not placed"))
                     continue
             if not self.copy:
@@ -846,13 +862,6 @@ def _changed(item: Prepared) -> tuple[str, str] | None:
     if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.source_size, item.mtime_ns):
         return "left", "changed while it was being sorted: it will be read again"
     return None
-
-
-def _holds(path: str | None, size: int) -> bool:
-    try:
-        return path is not None and os.lstat(path).st_size == size
-    except OSError:
-        return False
 
 
 def _folder_id(path: str) -> tuple[int, int] | None:

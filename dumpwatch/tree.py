@@ -1,9 +1,21 @@
-"""The sorted tree: which folder a series owns, which name a file gets, and placing it there."""
+"""The sorted tree: which folder a series owns, which name a file gets, and placing it there.
+
+The tree belongs to its users: they delete, rename and move files and folders by hand
+while dumpwatch runs. So what is kept in memory of a folder is only a guide, checked
+against the disk before it decides anything:
+
+- a folder's picture is used only while the folder's identity and change time are those it
+  had when it was read (or last changed by dumpwatch); otherwise it is read again;
+- a file is called a duplicate only if the file on disk now holds the same data set: a
+  remembered digest counts only while the file's inode, size and change time are those it
+  had when the digest was taken;
+- what a file in the tree is (its instance, series and echo) is read from its header,
+  never inferred from its name, which an older template or a hand may have given it.
+"""
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -12,32 +24,64 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom.datadict import keyword_dict
 
 from dumpwatch import failpoints
+from dumpwatch.dicomfile import identity_at, read_prefix
 from dumpwatch.fsops import TreeBlocked, make_dirs, make_folder, move_noreplace, open_dir, set_owner_mode
-from dumpwatch.naming import Name, is_safe_component
+from dumpwatch.naming import Name, Template, echo_number, friendly_name, header_text, is_safe_component
 
 log = logging.getLogger(__name__)
 
-# A sorted file name: stem, optional echo suffix "_NN", optional collision suffix "A", "A2", ...
-# (read with the template's own stem pattern first: Tree._parse)
-_NAME = re.compile(r"(?P<stem>.+?)(?:_(?P<echo>\d{2,}))?(?P<dup>A\d*)?")
-_FOREIGN = "?"  # the series of a folder whose files dumpwatch cannot read: never shared
+_DUP = re.compile(r"A\d*")  # DcmServer's collision suffix: "A", "A2", "A3"...
+_FOREIGN = "?"  # the series of a folder whose files dumpwatch cannot read, or of several: never shared
+
+
+@dataclass(slots=True)
+class Known:
+    """A file in a series folder, as its header and inode said when it was read."""
+
+    ino: int | None  # None while it is only planned (in this batch)
+    ctime_ns: int
+    size: int
+    sop_uid: str
+    echo: int  # EchoNumbers, 1 when absent
+    body_size: int  # bytes of its data set (after the file meta group)
+    identity: str | None = None  # data_set_identity(), once taken
 
 
 @dataclass
 class Folder:
-    """What is known of one series folder (from disk, then kept up to date in memory)."""
+    """What is known of one series folder, valid while the folder's stamp is unchanged."""
 
     rel: tuple[str, ...]
-    series_uid: str | None  # None while the folder is new or empty
-    names: set[str] = field(default_factory=set)  # sorted files in it
-    plain: set[str] = field(default_factory=set)  # those without an echo suffix
+    series_uid: str | None  # None while the folder is new or holds no readable file
+    stamp: tuple[int, int, int] | None = None  # (device, inode, mtime_ns) when read; None: absent
+    taken: set[str] = field(default_factory=set)  # every name in it, of any kind
+    files: dict[str, Known] = field(default_factory=dict)  # its DICOM files, by name
+    by_uid: dict[str, list[str]] = field(default_factory=dict)  # SOPInstanceUID -> names
+    plain: set[str] = field(default_factory=set)  # echo-1 files named as the template names them, no "_01"
+    stems: dict[str, tuple[str, str]] = field(default_factory=dict)  # plain name -> (template stem, "A" suffix)
     echoes: set[int] = field(default_factory=set)
     multi: bool = False  # more than one echo: echo-1 files carry "_01"
-    hashes: dict[str, str] = field(default_factory=dict)  # sha256 of files whose content is known
     disk: dict[str, str] = field(default_factory=dict)  # name -> name on disk, while a rename is pending
+
+    def add(self, name: str, known: Known) -> None:
+        self.taken.add(name)
+        self.files[name] = known
+        self.by_uid.setdefault(known.sop_uid, []).append(name)
+        self.echoes.add(known.echo)
+
+    def rename(self, old: str, new: str) -> None:
+        known = self.files.pop(old)
+        self.taken.discard(old)
+        self.plain.discard(old)
+        self.stems.pop(old, None)
+        self.taken.add(new)
+        self.files[new] = known
+        names = self.by_uid[known.sop_uid]
+        names[names.index(old)] = new
+        self.disk[new] = self.disk.pop(old, old)
 
 
 @dataclass
@@ -53,19 +97,26 @@ class Decision:
         return (*self.folder.rel, self.name)
 
 
-# File names of sorted series kept in memory at most (with their hashes, about 250 bytes
-# each: 12 MB); beyond, the folders used longest ago are read again from disk when needed.
+class TreeChanged(OSError):
+    """A folder changed on disk between deciding and placing: decide again."""
+
+
+# File names of sorted series kept in memory at most (about 300 bytes each: 15 MB); beyond,
+# the folders used longest ago are read again from disk when needed.
 CACHED_NAMES = 50_000
 
 
 class Tree:
     """Decides names under a lock shared by every dumpwatch process writing the same tree."""
 
-    def __init__(self, root: Path, extension: str, dir_mode: int, gid: int | None,
-                 lock_path: Path | None = None, dry_run: bool = False, stem_pattern: str = ".+?"):
-        """stem_pattern: Template.file_stem_pattern(), to read names back from disk."""
+    def __init__(self, root: Path, extension: str, dir_mode: int, gid: int | None, template: Template,
+                 lock_path: Path | None = None, dry_run: bool = False):
         self.root = root
-        self._name = re.compile(rf"(?P<stem>{stem_pattern})(?:_(?P<echo>\d{{2,}}))?(?P<dup>A\d*)?")
+        self.template = template
+        # What is read of each file in a series folder: enough to name it as the template does.
+        keywords = {k for part in template.components[-1] if not isinstance(part, str) for k in [part.keyword]}
+        keywords |= {"SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "EchoNumbers"}
+        self.wanted = frozenset(keyword_dict[k] for k in keywords)
         self.suffix = "." + extension
         self.dir_mode, self.gid, self.dry_run = dir_mode, gid, dry_run
         if not dry_run:
@@ -82,14 +133,6 @@ class Tree:
             self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
             set_owner_mode(self.lock_fd, 0o660, gid)  # every writer of the tree takes this lock
         self._batches = 0
-
-    def _parse(self, stem: str) -> re.Match:
-        """A sorted file's name (without extension): its stem, echo and collision suffixes,
-        read as the template makes them; a name the template cannot have made (a template
-        changed since, say), as any name."""
-        match = self._name.fullmatch(stem) or _NAME.fullmatch(stem)
-        assert match is not None  # _NAME matches any non-empty name
-        return match
 
     def close(self) -> None:
         for fd in (self.root_fd, self.lock_fd):
@@ -120,10 +163,10 @@ class Tree:
     def trim(self) -> None:
         """After a batch: beyond CACHED_NAMES file names, forget the folders used longest ago,
         so that memory does not grow with the tree. A forgotten folder is read again from
-        disk when a file comes for it (and its files' hashes when a re-send needs them)."""
+        disk when a file comes for it."""
         if self.dry_run:  # nothing was placed: memory is all there is
             return
-        total = sum(len(folder.names) for folder in self.folders.values())
+        total = sum(len(folder.taken) for folder in self.folders.values())
         if total <= CACHED_NAMES:
             return
         dropped = set()
@@ -131,7 +174,7 @@ class Tree:
             if total <= CACHED_NAMES // 2:
                 break
             if not folder.disk:
-                total -= len(folder.names)
+                total -= len(folder.taken)
                 dropped.add(id(self.folders.pop(rel)))
         self.claims = {key: folder for key, folder in self.claims.items() if id(folder) not in dropped}
 
@@ -141,17 +184,20 @@ class Tree:
             self.folders.clear()
             self.claims.clear()
             return
-        self.folders.pop(folder.rel, None)
+        if self.folders.get(folder.rel) is folder:
+            del self.folders[folder.rel]
         for key in [k for k, v in self.claims.items() if v is folder]:
             del self.claims[key]
 
     # -- deciding ------------------------------------------------------------------------
 
-    def decide(self, name: Name, series_uid: str, sha256: str, size: int, dev: int, ino: int) -> Decision:
+    def decide(self, name: Name, series_uid: str, sop_uid: str, identity: str, body_size: int,
+               dev: int, ino: int) -> Decision:
         """Where a file goes: its series folder, echo suffix, and a free name or its duplicate.
 
-        Updates the in-memory picture as if the decision were carried out; if it is not,
-        call forget(decision.folder).
+        identity and body_size: dicomfile.data_set_identity() of the bytes to place. Updates
+        the in-memory picture as if the decision were carried out; if it is not, call
+        forget(decision.folder).
         """
         folder = self._series_folder(name.folders, series_uid)
         echo = name.echo or 1
@@ -159,52 +205,114 @@ class Tree:
         renames = []
         if multi:  # the series has more than one echo: its echo-1 files carry "_01"
             for old in sorted(folder.plain):
-                match = self._parse(old[: -len(self.suffix)])
-                new = self._free(folder, f"{match['stem']}_01{match['dup'] or ''}")
+                stem, dup = folder.stems[old]
+                new, _ = self._free(folder, f"{stem}_01", dup)
                 renames.append((old, new))
-                self._rename_in_memory(folder, old, new)
+                folder.rename(old, new)
+        folder.multi = multi
+        same = self._same_instance(folder, sop_uid, identity, body_size, dev, ino)
+        if same is not None:
+            file_name, how = same
+            return Decision("sorted" if how == "inode" else "duplicate", folder, file_name, renames,
+                            already=how == "inode")
         stem = name.stem
         if name.echo and name.echo > 1:
             stem += f"_{name.echo:02d}"
         elif multi:
             stem += "_01"
-        for candidate in _candidates(stem):
-            file_name = candidate + self.suffix
-            if file_name not in folder.names:
-                break
-            same = self._same_file(folder, file_name, sha256, size, dev, ino)
-            if same:
-                return Decision("sorted" if same == "inode" else "duplicate", folder, file_name, renames,
-                                already=same == "inode")
-        folder.names.add(file_name)
-        folder.hashes[file_name] = sha256
-        folder.echoes.add(echo)
-        folder.multi = multi or len(folder.echoes) > 1
-        if not (name.echo and name.echo > 1) and not multi:
+        file_name, dup = self._free(folder, stem)
+        folder.add(file_name, Known(None, 0, 0, sop_uid, echo, body_size, identity))
+        if echo == 1 and not multi:
             folder.plain.add(file_name)
+            folder.stems[file_name] = (stem, dup)
         return Decision("sorted", folder, file_name, renames)
 
-    def _free(self, folder: Folder, stem: str) -> str:
-        for candidate in _candidates(stem):
-            if candidate + self.suffix not in folder.names:
-                return candidate + self.suffix
-        raise AssertionError("unreachable")
+    def _free(self, folder: Folder, stem: str, first: str = "") -> tuple[str, str]:
+        """The first free name from stem, and its collision suffix: none, then "A", "A2"...
+        (from `first` on). Free: nothing in the folder holds it, no file, folder, symlink or FIFO."""
+        for suffix in _suffixes(first):
+            if stem + suffix + self.suffix not in folder.taken:
+                return stem + suffix + self.suffix, suffix
+        raise OSError(f"no free name for {stem!r}")
 
-    def _rename_in_memory(self, folder: Folder, old: str, new: str) -> None:
-        folder.names.discard(old)
-        folder.plain.discard(old)
-        folder.names.add(new)
-        folder.disk[new] = folder.disk.pop(old, old)
-        if old in folder.hashes:
-            folder.hashes[new] = folder.hashes.pop(old)
+    def _same_instance(self, folder: Folder, sop_uid: str, identity: str, body_size: int,
+                       dev: int, ino: int) -> tuple[str, str] | None:
+        """(name, "inode") if a file of this instance in the folder is the source itself,
+        (name, "bytes") if one holds the same data set now, else None."""
+        names = folder.by_uid.get(sop_uid)
+        if not names:
+            return None
+        fd = self._open(folder.rel)
+        try:
+            for name in list(names):
+                known = folder.files[name]
+                if known.ino is None:  # planned in this batch: its identity is all there is
+                    if known.identity == identity:
+                        return name, "bytes"
+                    continue
+                try:
+                    st = os.stat(folder.disk.get(name, name), dir_fd=fd, follow_symlinks=False) if fd >= 0 else None
+                except FileNotFoundError:
+                    st = None
+                if st is None:  # deleted by hand: it is not there to be a duplicate of
+                    self._drop(folder, name)
+                    continue
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    return name, "inode"
+                if (st.st_ino, st.st_size, st.st_ctime_ns) != (known.ino, known.size, known.ctime_ns):
+                    known = self._reread(folder, fd, name)  # changed since it was read
+                    if known is None or known.sop_uid != sop_uid:
+                        continue
+                if known.body_size != body_size:
+                    continue
+                if known.identity is None:
+                    found = identity_at(fd, folder.disk.get(name, name))
+                    if found is None:
+                        continue
+                    known.identity = found[0]
+                if known.identity == identity:
+                    return name, "bytes"
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return None
+
+    def _drop(self, folder: Folder, name: str) -> None:
+        known = folder.files.pop(name, None)
+        folder.taken.discard(name)
+        folder.plain.discard(name)
+        folder.stems.pop(name, None)
+        if known is not None:
+            folder.by_uid[known.sop_uid].remove(name)
+
+    def _reread(self, folder: Folder, fd: int, name: str) -> Known | None:
+        self._drop(folder, name)
+        folder.taken.add(name)
+        header = read_prefix(fd, folder.disk.get(name, name), self.wanted)
+        if header is None:
+            return None
+        known = self._known(header)
+        if known is not None:
+            folder.add(name, known)
+        return known
+
+    def _known(self, header) -> Known | None:
+        sop_uid = (header_text(header.ds, "SOPInstanceUID") or "").strip(" \0")
+        if not sop_uid:
+            return None
+        st = header.st
+        return Known(st.st_ino, st.st_ctime_ns, st.st_size, sop_uid, echo_number(header.ds) or 1, header.body_size)
 
     def _series_folder(self, folders: tuple[str, ...], series_uid: str) -> Folder:
         """The folder of this series: the template's, or "<name>_2", "_3"... if that holds another series."""
         key = (folders, series_uid)
-        if key in self.claims:
-            folder = self.claims[key]
-            self.folders[folder.rel] = self.folders.pop(folder.rel, folder)  # used now: kept longest
-            return folder
+        claimed = self.claims.get(key)
+        if claimed is not None:
+            folder = self._folder(claimed.rel)  # as it is on disk now
+            if folder.series_uid == series_uid:
+                self.claims[key] = folder
+                return folder
+            self.claims.pop(key, None)  # emptied, removed or replaced by hand since: look again
         parent, base = folders[:-1], folders[-1]
         for number in range(1, 10_000):
             rel = (*parent, base if number == 1 else f"{base}_{number}")
@@ -216,40 +324,75 @@ class Tree:
         raise OSError(f"more than 10,000 series share the folder name {base!r}")
 
     def _folder(self, rel: tuple[str, ...]) -> Folder:
+        """The picture of a folder, read again from disk if the folder changed since."""
         folder = self.folders.pop(rel, None)  # and put back last: the dict is in order of use
-        if folder is None:
+        if folder is None or (not self.dry_run and not folder.disk and self._stamp(rel) != folder.stamp):
+            if folder is not None:
+                self.forget(folder)
             folder = self._load(rel)
         self.folders[rel] = folder
         return folder
 
+    def _stamp(self, rel: tuple[str, ...]) -> tuple[int, int, int] | None:
+        if self.root_fd < 0:
+            return None
+        try:
+            st = os.stat(os.path.join(*rel), dir_fd=self.root_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_mtime_ns
+
     def _load(self, rel: tuple[str, ...]) -> Folder:
-        """Read a series folder from disk: its file names, echoes and series."""
+        """Read a series folder from disk: every name in it, and the header of each file."""
         folder = Folder(rel, None)
         fd = self._open(rel)
         if fd < 0:
             return folder
         try:
+            st = os.fstat(fd)
+            folder.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            series = set()
             with os.scandir(fd) as entries:
                 for entry in entries:
+                    folder.taken.add(entry.name)
                     if entry.name.startswith(".") or not entry.name.endswith(self.suffix):
                         continue
                     if not entry.is_file(follow_symlinks=False):
                         continue
-                    folder.names.add(entry.name)
-                    match = self._parse(entry.name[: -len(self.suffix)])
-                    if match and match["echo"]:
-                        folder.echoes.add(int(match["echo"]))
-                        # An "_01" file was renamed because a second echo came (perhaps before
-                        # a kill stopped that echo from being placed): the series has several.
-                        folder.multi |= int(match["echo"]) == 1
-                    else:
-                        folder.plain.add(entry.name)
-                        folder.echoes.add(1)
-            if folder.names:
-                folder.series_uid = self._series_in(fd, sorted(folder.names))
+                    header = read_prefix(fd, entry.name, self.wanted)
+                    known = None if header is None else self._known(header)
+                    if known is None:
+                        series.add(_FOREIGN)  # a file dumpwatch cannot read says nothing of the series
+                        continue
+                    folder.add(entry.name, known)
+                    series.add((header_text(header.ds, "SeriesInstanceUID") or "").strip(" \0"))
+                    self._note_name(folder, entry.name, header.ds, known.echo)
+            if folder.files:
+                series.discard(_FOREIGN)
+                folder.series_uid = series.pop() if len(series) == 1 else _FOREIGN
+            elif series:
+                folder.series_uid = _FOREIGN
+            folder.multi = folder.multi or len(folder.echoes) > 1
         finally:
             os.close(fd)
         return folder
+
+    def _note_name(self, folder: Folder, name: str, ds, echo: int) -> None:
+        """Is this file named as the current template names it? Only such a file is ever
+        renamed (an echo-1 file gains "_01" when a second echo comes); a file an older
+        template or a hand named keeps its name."""
+        stem = friendly_name(ds, self.template).stem
+        own = name[: -len(self.suffix)]
+        if not own.startswith(stem):
+            return
+        rest = own[len(stem):]
+        if echo == 1 and (rest == "" or _DUP.fullmatch(rest)):
+            folder.plain.add(name)
+            folder.stems[name] = (stem, rest)
+        elif rest.startswith(f"_{echo:02d}") and (rest == f"_{echo:02d}" or _DUP.fullmatch(rest[3:])):
+            # An echo-1 file with "_01" was renamed because a second echo came (perhaps
+            # before a kill stopped that echo from being placed): the series has several.
+            folder.multi |= echo == 1
 
     def _open(self, rel: tuple[str, ...]) -> int:
         """An fd for an existing folder below the root, or -1 if it does not exist."""
@@ -269,69 +412,51 @@ class Tree:
             raise
         return fd
 
-    def _series_in(self, fd: int, names: list[str]) -> str:
-        for name in names:
-            try:
-                handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError:
-                continue
-            try:
-                with open(handle, "rb") as stream:
-                    ds = dcmread(stream, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-                return str(ds.get("SeriesInstanceUID", ""))
-            except Exception:  # nosec B112  # an unreadable file says nothing of the series; the next may
-                continue
-        return _FOREIGN
-
-    def _same_file(self, folder: Folder, name: str, sha256: str, size: int, dev: int, ino: int) -> str:
-        """"inode" if name is the source itself, "bytes" if it holds the same bytes, else ""."""
-        fd = self._open(folder.rel)
-        try:
-            if fd >= 0:
-                try:
-                    st = os.stat(folder.disk.get(name, name), dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    st = None
-                if st is not None and (st.st_dev, st.st_ino) == (dev, ino):
-                    return "inode"
-                if st is not None and st.st_size != size:
-                    return ""
-            known = folder.hashes.get(name)
-            if known is None and fd >= 0:
-                known = _hash_at(fd, folder.disk.get(name, name))
-                if known:
-                    folder.hashes[name] = known
-            return "bytes" if known == sha256 else ""
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
     # -- placing -------------------------------------------------------------------------
 
     def apply(self, decision: Decision, source: tuple[int, str]) -> list[tuple[str, ...]]:
         """Carry out a decision: make folders, rename echo-1 files, move source into place.
 
         source is (dir fd, name) of the file to move: the received file itself, or a staged
-        copy. Returns the folders it created, below the root.
+        copy. Returns the folders it created, below the root. Raises TreeChanged if the
+        folder is not as it was when the decision was made (changed by hand meanwhile).
         """
         for name in decision.rel:
             if not is_safe_component(name):
                 raise TreeBlocked(f"refusing the unsafe name {name!r}")
         if decision.outcome == "duplicate" and not decision.renames:
             return []  # nothing to place
-        fd, created = make_dirs(self.root_fd, decision.folder.rel, self.dir_mode, self.gid)
+        folder = decision.folder
+        fd, created = make_dirs(self.root_fd, folder.rel, self.dir_mode, self.gid)
         try:
+            if created:  # new, and so as the decision pictured it (empty)
+                self._restamp(folder, fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_mtime_ns) != folder.stamp:
+                raise TreeChanged(0, f"{self.path(folder.rel)} changed while this file was being sorted")
             while decision.renames:  # each one done is dropped: a retry does not redo it
                 old, new = decision.renames[0]
-                move_noreplace(fd, decision.folder.disk.pop(new, old), fd, new, self.device)
+                move_noreplace(fd, folder.disk.pop(new, old), fd, new, self.device)
                 decision.renames.pop(0)
+                self._restamp(folder, fd)
                 failpoints.hit("renamed")
-                log.info("renamed %s -> %s: the series has several echoes", self.path((*decision.folder.rel, old)), new)
+                log.info("renamed %s -> %s: the series has several echoes", self.path((*folder.rel, old)), new)
             if decision.outcome == "sorted" and not decision.already:
                 move_noreplace(source[0], source[1], fd, decision.name, self.device)
+                self._restamp(folder, fd)
+                placed = os.stat(decision.name, dir_fd=fd, follow_symlinks=False)
+                known = folder.files.get(decision.name)
+                if known is not None:
+                    known.ino, known.ctime_ns, known.size = placed.st_ino, placed.st_ctime_ns, placed.st_size
         finally:
             os.close(fd)
         return created
+
+    @staticmethod
+    def _restamp(folder: Folder, fd: int) -> None:
+        """The folder changed by our own hand: its picture is still right."""
+        st = os.fstat(fd)
+        folder.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns)
 
     def sync(self, folders: set[tuple[str, ...]]) -> None:
         """fsync these folders (and so the names placed in them) before sources are removed."""
@@ -344,19 +469,12 @@ class Tree:
                     os.close(fd)
 
 
-def _candidates(stem: str) -> Iterator[str]:
-    """stem, then DcmServer's "A" for different content at a taken name, then A2, A3..."""
-    yield stem
-    yield stem + "A"
-    for number in range(2, 100_000):
-        yield f"{stem}A{number}"
-
-
-def _hash_at(dir_fd: int, name: str) -> str | None:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    with open(fd, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
+def _suffixes(first: str = "") -> Iterator[str]:
+    """"", then DcmServer's "A" for different content at a taken name, then A2, A3...
+    (from `first` on: a file that had a collision suffix keeps it when renamed)."""
+    if first == "":
+        yield ""
+    if first in ("", "A"):
+        yield "A"
+    for number in range(int(first[1:]) if first[1:].isdigit() else 2, 100_000):
+        yield f"A{number}"

@@ -152,12 +152,12 @@ def storescu_config(files: Iterable[Path], path: Path) -> Path:
 
 
 def storescu(port: int, files: list[Path], work: Path, wait: bool = True,
-             profile: Path | None = None) -> subprocess.Popen:
-    """Send files to 127.0.0.1:port as a scanner would (one association). profile: one
-    storescu_config() made for these files before (it reads every file)."""
+             profile: Path | None = None, aet: str = "SCANNER") -> subprocess.Popen:
+    """Send files to 127.0.0.1:port as a scanner would (one association), as calling AE
+    title aet. profile: one storescu_config() made for these files before (it reads every file)."""
     if profile is None:
         profile = storescu_config(files, work / f"storescu-{os.getpid()}-{time.monotonic_ns()}.cfg")
-    command = ["storescu", "-xf", str(profile), "Default", "-aec", "DUMPWATCH", "-aet", "SCANNER",
+    command = ["storescu", "-xf", str(profile), "Default", "-aec", "DUMPWATCH", "-aet", aet,
                "127.0.0.1", str(port), *map(str, files)]
     process = subprocess.Popen(command, env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

@@ -106,8 +106,9 @@ def test_same_study_sent_twice_changes_nothing(receiver, site, testdata, tmp_pat
     wait_for(lambda: settled(site, len(files)), 60, "first send sorted")
     first = tree_of(site.parent / "sorted")
     storescu(scp.port, files, tmp_path)
-    wait_for(lambda: journal(site, "SELECT count(*) FROM outcomes WHERE outcome = 'duplicate'") == [(len(files),)],
-             60, "second send recognised")
+    # Rows are written as under way (done = 0) before the sources go: count finished ones.
+    wait_for(lambda: journal(site, "SELECT count(*) FROM outcomes WHERE outcome = 'duplicate' AND done = 1")
+             == [(len(files),)], 60, "second send recognised")
     assert tree_of(site.parent / "sorted") == first
     assert not dump_files(site)
 
