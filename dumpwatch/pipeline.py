@@ -251,7 +251,10 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         if header is not None:
             prepared.out_sha256, prepared.size = _digest_of(dicom, header)
         return prepared
-    if header is not None or job.copy or dicom.st.st_dev != job.out_device:
+    # A file with more than one link is also another name's file (a link made in the dump to
+    # someone's image elsewhere): moving it would put that inode in the tree, and the chmod
+    # and chgrp below would change it for its other name. It is copied; the dump's link goes.
+    if header is not None or job.copy or dicom.st.st_dev != job.out_device or dicom.st.st_nlink > 1:
         _stage(dicom, prepared, header, job)
     else:
         # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk

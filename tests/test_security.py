@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dcmtk import Serve, wait_for, write_config
 
 from conftest import REPO, make_dicom, run
 
@@ -202,6 +203,68 @@ def test_a_symlink_below_the_state_folder_is_refused_and_its_target_untouched(tm
     assert "Traceback" not in result.stderr
     assert snapshot(victim) == before
     assert (tmp_path / "dump" / "MR.2").exists()
+
+
+# -- hard links in the dump -----------------------------------------------------------------
+
+
+def linked_in(dump: Path, template_file: Path, elsewhere: Path) -> Path:
+    """Another user's private image (0600), and a hard link to it put in the dump."""
+    theirs = make_dicom(elsewhere / "theirs.dcm", template_file)
+    os.chmod(theirs, 0o600)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    dump.mkdir(parents=True, exist_ok=True)
+    os.link(theirs, dump / "MR.linked")
+    return theirs
+
+
+def kept(path: Path) -> tuple:
+    """What sorting a link to path must leave alone (its ctime moves: its link count drops)."""
+    st = os.lstat(path)
+    return st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, path.read_bytes()
+
+
+def assert_sorted_as_a_copy(theirs: Path, before: tuple, tree: Path, dump: Path) -> None:
+    placed = list(tree.rglob("*.dcm"))
+    assert len(placed) == 1, placed
+    assert placed[0].read_bytes() == before[-1]
+    assert os.stat(placed[0]).st_nlink == 1 and os.stat(placed[0]).st_ino != before[0]
+    assert kept(theirs) == before  # mode, owner, group and bytes as they were
+    assert os.stat(theirs).st_nlink == 1  # only the dump's link is gone
+    assert not (dump / "MR.linked").exists()
+
+
+GROUP = "daemon"  # a group the linked file is not in: a chgrp in place would show
+
+
+def test_a_hard_link_in_the_dump_is_sorted_as_a_copy_by_sort_once(tmp_path, template_file):
+    """A link in the dump to a file elsewhere was moved into the tree, and that file's mode
+    and group set to the tree's: another user's 0600 image became readable by the group."""
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    theirs = linked_in(dump, template_file, tmp_path / "elsewhere")
+    before = kept(theirs)
+    (tmp_path / "dumpwatch.cfg").write_text(f"file_mode = 0664\ngroup = {GROUP}\n")
+    result = run("--config", str(tmp_path / "dumpwatch.cfg"), "sort-once", str(dump), "--out", str(out),
+                 "--quarantine", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.output
+    assert_sorted_as_a_copy(theirs, before, out, dump)
+
+
+def test_a_hard_link_in_the_dump_is_sorted_as_a_copy_by_serve(tmp_path, template_file):
+    cfg = write_config(tmp_path / "site", sweep_interval=1, file_mode="0664", group=GROUP)
+    dump, tree = tmp_path / "site" / "dump", tmp_path / "site" / "sorted"
+    serve = Serve(cfg)
+    try:
+        theirs = linked_in(dump, template_file, tmp_path / "elsewhere")
+        before = kept(theirs)
+        wait_for(lambda: not (dump / "MR.linked").exists() or serve.process.poll() is not None, 30,
+                 "the linked file sorted")
+        assert serve.process.poll() is None, serve.output()
+    finally:
+        assert serve.stop() == 0, serve.output()
+    assert_sorted_as_a_copy(theirs, before, tree, dump)
 
 
 # -- no shell ------------------------------------------------------------------------------
