@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from dumpwatch.keys import name_token, new_uid, path_token
+from dumpwatch.state import UnsafeState, fd_path
 
 OUTCOMES = ("sorted", "duplicate", "quarantined", "left", "renamed")
 
@@ -36,6 +39,10 @@ CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
 CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
 CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes(time);
 """
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def printable(text: str) -> str:
@@ -87,24 +94,37 @@ class Entry:
 class Journal:
     """Append-mostly SQLite log. Survives kill -9 (WAL); answers look-ups by index."""
 
-    def __init__(self, path: Path, mode: int = 0o660, key: bytes | None = None):
+    def __init__(self, path: Path, mode: int = 0o660, key: bytes | None = None, dir_fd: int | None = None):
         """key: the anonymisation secret, when anonymising: the journal then names received
         files by keyed tokens (keys.path_token, keys.name_token), never by their own names,
-        which hold original UIDs or patients' names; `where` finds them with the same key."""
+        which hold original UIDs or patients' names; `where` finds them with the same key.
+        dir_fd: the state folder holding path (state.StateFolder), proven dumpwatch's own:
+        the journal is then made through it, and SQLite's file checked to be that one."""
         self.key = key
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if dir_fd is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         # The journal names patients' files: never world-readable. SQLite gives its -wal and
         # -shm files the database file's mode, so the file is made first, with that mode.
         # O_NOFOLLOW: a symlink planted here (the state folder is the group's) must not get
         # that mode: pointed at the anonymisation key, it would make the key group-readable.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(path if dir_fd is None else path.name, flags, mode & 0o660, dir_fd=dir_fd)
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeState(f"{path} is not a file, so not dumpwatch's journal; remove it")
+            if st.st_uid == os.geteuid():
                 os.fchmod(fd, mode & 0o660)  # whatever the umask: the group writes it too
         finally:
             os.close(fd)
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+        if dir_fd is None:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+        else:
+            # SQLite opens by path. This one reaches the proven folder whatever its name now;
+            # mode=rw: SQLite never creates a file, only opens the one made above.
+            uri = f"file:{quote(fd_path(dir_fd, path.parent))}/{quote(path.name)}?mode=rw"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
         # clean reboot, and costs no fsync. After a power cut the last moment of outcomes may
@@ -113,6 +133,25 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        if dir_fd is not None:
+            self._check_opened(path, dir_fd, st)
+
+    def _check_opened(self, path: Path, dir_fd: int, made: os.stat_result) -> None:
+        """SQLite turns the path into the folder's name once, and opens its -wal and -shm
+        files by that name later: after it has, that name must still be the proven folder,
+        holding the file made through it (else the folder was swapped meanwhile)."""
+        opened = self.db.execute("PRAGMA database_list").fetchone()["file"]
+        try:
+            folder = os.stat(os.path.dirname(opened), follow_symlinks=False)
+            file = os.stat(opened, follow_symlinks=False)
+            agree = (_identity(folder) == _identity(os.fstat(dir_fd)) and stat.S_ISDIR(folder.st_mode)
+                     and _identity(file) == _identity(made))
+        except OSError:
+            agree = False
+        if not agree:
+            self.db.close()
+            raise UnsafeState(f"{path.parent} was replaced while dumpwatch opened its journal; "
+                              "see what is there now before starting again")
 
     def close(self) -> None:
         self.db.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import errno
 import hashlib
 import hmac
 import os
@@ -15,10 +16,15 @@ from dumpwatch.errors import ConfigError
 KEY_BYTES = 32
 
 
-def load_key(path: Path) -> bytes:
-    """The secret in path, made (owner-only, 0600) on first use. Never logged."""
+def load_key(path: Path, dir_fd: int | None = None) -> bytes:
+    """The secret in path, made (owner-only, 0600) on first use. Never logged.
+
+    dir_fd: the state folder holding it (state.StateFolder): the key is then reached through
+    it and never through a symlink (one planted there could name a key its planter knows).
+    """
+    name, nofollow = (path, 0) if dir_fd is None else (path.name, os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     except FileExistsError:
         pass
     except OSError as exc:
@@ -30,12 +36,17 @@ def load_key(path: Path) -> bytes:
         finally:
             os.close(fd)
     try:
-        st = os.stat(path)
-        if st.st_mode & 0o077:
-            raise ConfigError(f"the anonymisation key is readable by others (mode {st.st_mode & 0o777:04o}); "
-                              "chmod 600 it", path)
-        text = path.read_text().strip()
+        # Its mode and its text from one open file: the name cannot change in between.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | nofollow, dir_fd=dir_fd)
+        with open(fd, "rb") as file:
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:
+                raise ConfigError(f"the anonymisation key is readable by others (mode {st.st_mode & 0o777:04o}); "
+                                  "chmod 600 it", path)
+            text = file.read().decode("ascii", "replace").strip()
     except OSError as exc:
+        if exc.errno == errno.ELOOP and dir_fd is not None:
+            raise ConfigError(f"{path} is a symlink, not dumpwatch's anonymisation key; remove it") from None
         raise ConfigError(f"cannot read the anonymisation key: {exc.strerror}", path) from None
     try:
         key = bytes.fromhex(text)

@@ -41,6 +41,7 @@ from dumpwatch.fsops import (
 from dumpwatch.journal import Entry, Journal, now, printable
 from dumpwatch.keys import load_key
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
+from dumpwatch.state import StateFolder
 from dumpwatch.tree import Decision, Tree
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Job:
     copy: bool
     dry_run: bool
     incomplete_timeout: float
+    staging_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the staging folder the sorter proved
 
     def shown(self, path: str | None) -> str | None:
         """A received file's path as the log shows it: when anonymising, a keyed token (its
@@ -172,7 +174,7 @@ def _writeback_seconds() -> float:
 
 WRITEBACK_SECONDS = _writeback_seconds()
 
-_staging_fds: dict[str, int] = {}
+_staging_fds: dict[tuple[str, tuple[int, int] | None], int] = {}
 _counter = itertools.count()
 
 
@@ -252,7 +254,10 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         if header is not None:
             _digest_of(dicom, header, prepared)
         return prepared
-    if header is not None or job.copy or dicom.st.st_dev != job.out_device:
+    # A file with more than one link is also another name's file (a link made in the dump to
+    # someone's image elsewhere): moving it would put that inode in the tree, and the chmod
+    # and chgrp below would change it for its other name. It is copied; the dump's link goes.
+    if header is not None or job.copy or dicom.st.st_dev != job.out_device or dicom.st.st_nlink > 1:
         _stage(dicom, prepared, header, job)
     else:
         # Moved as it is. storescp never fsyncs: a file written moments ago may not be on disk
@@ -304,9 +309,16 @@ def _digest_of(dicom: DicomFile, header: bytes, prepared: Prepared) -> None:
 def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job) -> None:
     """Write the bytes to place into the staging folder, fsynced, under a name with our pid."""
     assert job.staging is not None
-    fd = _staging_fds.get(job.staging)
+    fd = _staging_fds.get((job.staging, job.staging_id))
     if fd is None:
-        fd = _staging_fds[job.staging] = os.open(job.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The folder the sorter proved, or none: a worker opens it by its name, which a swap
+        # of .dumpwatch since could point elsewhere.
+        fd = os.open(job.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != job.staging_id:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the staging folder is not the one dumpwatch checked at its start")
+        _staging_fds[(job.staging, job.staging_id)] = fd
     name = f"{os.getpid()}-{next(_counter)}.part"
     start = 0 if header is None else dicom.tail
 
@@ -349,25 +361,32 @@ class Sorter:
         self.cfg, self.copy, self.dry_run = cfg, copy, dry_run
         state = cfg.state_dir
         assert state is not None
+        # Proven dumpwatch's own (not a symlink, not another user's) before anything in it is
+        # used, and every name in it reached through its fd from then on: staged copies are
+        # cleaned up there. The journal and staged copies name patients' files: the group may
+        # read, no one else.
+        self.state = StateFolder(state, cfg.dir_mode, cfg.group, create=not dry_run)
         self.tree = Tree(cfg.dir_out, cfg.extension, cfg.dir_mode, cfg.group, cfg.template,
-                         lock_path=state / "tree.lock", dry_run=dry_run)
+                         lock_path=self.state.file("tree.lock", "tree lock"), dry_run=dry_run)
         self.journal: Journal | None = None
         self.staging = state / "tmp"
         self.staging_fd = -1
+        staging_id = None
         self.sync_fds: dict[int, int] = {}  # device -> a folder fd on it, for syncfs
         if not dry_run:
-            # The journal and staged copies name patients' files: the group may read, no one else.
-            make_folder(self.staging, cfg.dir_mode & 0o2770, cfg.group)
-            # O_NOFOLLOW: staged copies are cleaned up here; never in a folder a symlink points to.
-            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.staging_fd = self.state.folder("tmp", "staging folder")
+            staging_id = os.fstat(self.staging_fd).st_dev, os.fstat(self.staging_fd).st_ino
         anonymiser = None
         if cfg.profile is not None:
-            key = _anonymisation_key(cfg, dry_run)
+            key = _anonymisation_key(cfg, dry_run, self.state)
             anonymiser = Anonymiser(cfg.profile, key, cfg.subjects, cfg.anon_burned_in == "allow")
         if not dry_run:
             journal_path = cfg.journal_path
             assert journal_path is not None
-            self.journal = Journal(journal_path, key=anonymiser.key if anonymiser else None)
+            if self.state.holds(journal_path):
+                self.state.check(journal_path.name, "journal")
+            self.journal = Journal(journal_path, key=anonymiser.key if anonymiser else None,
+                                   dir_fd=self.state.fd if self.state.holds(journal_path) else None)
         self.quarantine_id = _folder_id(str(cfg.quarantine_dir / "x")) if cfg.quarantine_dir else None
         self.job = Job(
             template=cfg.template,
@@ -382,6 +401,7 @@ class Sorter:
             copy=copy,
             dry_run=dry_run,
             incomplete_timeout=cfg.incomplete_timeout,
+            staging_id=staging_id,
         )
 
     def close(self) -> None:
@@ -395,6 +415,7 @@ class Sorter:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        self.state.close()
 
     def __enter__(self) -> Sorter:
         return self
@@ -795,7 +816,7 @@ class Sorter:
                 except FileNotFoundError:
                     continue
                 if old or not pid.isdigit() or not _alive(int(pid)):
-                    _remove(os.path.join(self.staging, entry.name))
+                    _remove_at(self.staging_fd, entry.name)  # by the fd: never by a path a link redirects
 
 
 @contextmanager
@@ -982,14 +1003,17 @@ def _remove_at(dir_fd: int, name: str) -> None:
         pass
 
 
-def _anonymisation_key(cfg: Config, dry_run: bool) -> bytes:
+def _anonymisation_key(cfg: Config, dry_run: bool, state: StateFolder) -> bytes:
     """The site's secret; a dry run never makes one (it changes nothing), so it borrows a
     passing key if there is none yet: its new UIDs and pseudonyms are then not the real ones."""
     path = cfg.anon_key_path
     assert path is not None
-    if dry_run and not path.exists():
+    if dry_run and not os.path.lexists(path):
         log.warning("no anonymisation key at %s yet: this dry run shows pseudonyms of a passing key", path)
         return os.urandom(32)
+    if state.holds(path) and state.fd >= 0:  # the default place: through the proven folder
+        state.check(path.name, "anonymisation key")
+        return load_key(path, dir_fd=state.fd)
     return load_key(path)
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ast
 import os
+import pwd
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dcmtk import Serve, wait_for, write_config
 
 from conftest import REPO, make_dicom, run
 
@@ -80,7 +82,7 @@ def test_a_symlink_in_the_state_folder_never_exposes_the_key(tmp_path, template_
     make_dicom(tmp_path / "dump" / "MR.2", template_file, InstanceNumber=2)
     result = sort_once_under_umask(tmp_path, 0o002, "dump")
     assert result.returncode != 0
-    assert "symbolic link" in result.stderr
+    assert f"{state / name} is a symlink, not dumpwatch's" in result.stderr
     assert mode(state / "anon.key") == 0o600
     assert (state / "anon.key").read_bytes() == key
     assert (tmp_path / "dump" / "MR.2").exists()
@@ -97,6 +99,172 @@ def test_a_symlinked_staging_folder_is_never_cleaned(tmp_path, template_file):
     (state / "tmp").symlink_to(victim)
     sort_once_under_umask(tmp_path, 0o002, "dump")
     assert (victim / "precious").read_text() == "keep me"
+
+
+def start(tmp_path: Path, command: str) -> subprocess.CompletedProcess:
+    """sort-once over the dump, or serve, as its own process; a serve that does not refuse
+    to start is stopped after 30 s."""
+    args = ["sort-once", "dump"] if command == "sort-once" else ["serve"]
+    process = subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(tmp_path / "dumpwatch.cfg"),
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=lambda: os.umask(0o002))
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+        err += "\n(still running after 30 s: it did not refuse to start)"
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry below folder (and folder itself): its bytes, mode, owner and times."""
+    def entry(path: Path) -> tuple:
+        st = os.lstat(path)
+        data = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
+        return data, st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns
+
+    return {str(p.relative_to(folder)): entry(p) for p in [folder, *folder.rglob("*")]}
+
+
+def planted(folder: Path) -> Path:
+    """Another folder's files, among them what dumpwatch's clean-up of tmp/ would remove."""
+    (folder / "tmp").mkdir(parents=True)
+    (folder / "precious").write_text("keep me")
+    (folder / "tmp" / "notes.txt").write_text("keep me too")
+    (folder / "tmp" / "4000000-1.part").write_text("and me")  # no such pid
+    return folder
+
+
+@pytest.mark.parametrize("command", ["sort-once", "serve"])
+def test_a_symlinked_state_folder_is_refused_and_its_target_untouched(tmp_path, template_file, command):
+    """Anyone who may write dir_out (the group) replaces .dumpwatch with a link to another
+    folder: dumpwatch must not clean "staged copies" there, nor put its journal and lock there."""
+    state = anon_site(tmp_path, template_file)
+    victim = planted(tmp_path / "victim")
+    state.parent.mkdir()
+    state.symlink_to(victim)
+    before = snapshot(victim)
+    result = start(tmp_path, command)
+    assert result.returncode == 1, result.stderr
+    assert f"{state} is a symlink, not dumpwatch's state folder; remove it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(victim) == before
+    assert (tmp_path / "dump" / "MR.1").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "another user's folder"])
+def test_a_state_folder_that_is_not_dumpwatch_s_own_is_refused(tmp_path, template_file, kind):
+    state = anon_site(tmp_path, template_file)
+    state.parent.mkdir()
+    if kind == "file":
+        state.write_text("not a folder")
+        expected = f"{state} is not a folder, so not dumpwatch's state folder; remove it"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the folder to another user")
+        nobody = pwd.getpwnam("nobody")
+        planted(state)
+        for path in [state, *state.rglob("*")]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        expected = f"{state} is owned by nobody, not by root"
+    before = snapshot(state) if state.is_dir() else state.read_bytes()
+    result = start(tmp_path, "sort-once")
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (snapshot(state) if state.is_dir() else state.read_bytes()) == before
+    assert (tmp_path / "dump" / "MR.1").exists()
+
+
+@pytest.mark.parametrize("name, what", [("journal.sqlite3", "journal"), ("tree.lock", "tree lock"),
+                                        ("anon.key", "anonymisation key"), ("tmp", "staging folder")])
+def test_a_symlink_below_the_state_folder_is_refused_and_its_target_untouched(tmp_path, template_file, name, what):
+    """The state folder is the group's (2770): a member may replace any entry in it by a link."""
+    state = anon_site(tmp_path, template_file)
+    assert start(tmp_path, "sort-once").returncode == 3
+    victim = planted(tmp_path / "victim")
+    target = victim / "tmp" if name == "tmp" else victim / "precious"
+    if name == "anon.key":  # a key the member knows: the pseudonyms would be theirs to compute
+        target.write_text("ab" * 32 + "\n")
+        target.chmod(0o600)
+    if (state / name).is_dir():
+        for leftover in (state / name).iterdir():
+            leftover.unlink()
+        (state / name).rmdir()
+    else:
+        (state / name).unlink()
+    (state / name).symlink_to(target)
+    make_dicom(tmp_path / "dump" / "MR.2", template_file, InstanceNumber=2)
+    before = snapshot(victim)
+    result = start(tmp_path, "sort-once")
+    assert result.returncode == 1, result.stderr
+    assert f"{state / name} is a symlink, not dumpwatch's {what}; remove it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(victim) == before
+    assert (tmp_path / "dump" / "MR.2").exists()
+
+
+# -- hard links in the dump -----------------------------------------------------------------
+
+
+def linked_in(dump: Path, template_file: Path, elsewhere: Path) -> Path:
+    """Another user's private image (0600), and a hard link to it put in the dump."""
+    theirs = make_dicom(elsewhere / "theirs.dcm", template_file)
+    os.chmod(theirs, 0o600)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    dump.mkdir(parents=True, exist_ok=True)
+    os.link(theirs, dump / "MR.linked")
+    return theirs
+
+
+def kept(path: Path) -> tuple:
+    """What sorting a link to path must leave alone (its ctime moves: its link count drops)."""
+    st = os.lstat(path)
+    return st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, path.read_bytes()
+
+
+def assert_sorted_as_a_copy(theirs: Path, before: tuple, tree: Path, dump: Path) -> None:
+    placed = list(tree.rglob("*.dcm"))
+    assert len(placed) == 1, placed
+    assert placed[0].read_bytes() == before[-1]
+    assert os.stat(placed[0]).st_nlink == 1 and os.stat(placed[0]).st_ino != before[0]
+    assert kept(theirs) == before  # mode, owner, group and bytes as they were
+    assert os.stat(theirs).st_nlink == 1  # only the dump's link is gone
+    assert not (dump / "MR.linked").exists()
+
+
+GROUP = "daemon"  # a group the linked file is not in: a chgrp in place would show
+
+
+def test_a_hard_link_in_the_dump_is_sorted_as_a_copy_by_sort_once(tmp_path, template_file):
+    """A link in the dump to a file elsewhere was moved into the tree, and that file's mode
+    and group set to the tree's: another user's 0600 image became readable by the group."""
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    theirs = linked_in(dump, template_file, tmp_path / "elsewhere")
+    before = kept(theirs)
+    (tmp_path / "dumpwatch.cfg").write_text(f"file_mode = 0664\ngroup = {GROUP}\n")
+    result = run("--config", str(tmp_path / "dumpwatch.cfg"), "sort-once", str(dump), "--out", str(out),
+                 "--quarantine", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.output
+    assert_sorted_as_a_copy(theirs, before, out, dump)
+
+
+def test_a_hard_link_in_the_dump_is_sorted_as_a_copy_by_serve(tmp_path, template_file):
+    cfg = write_config(tmp_path / "site", sweep_interval=1, file_mode="0664", group=GROUP)
+    dump, tree = tmp_path / "site" / "dump", tmp_path / "site" / "sorted"
+    serve = Serve(cfg)
+    try:
+        theirs = linked_in(dump, template_file, tmp_path / "elsewhere")
+        before = kept(theirs)
+        wait_for(lambda: not (dump / "MR.linked").exists() or serve.process.poll() is not None, 30,
+                 "the linked file sorted")
+        assert serve.process.poll() is None, serve.output()
+    finally:
+        assert serve.stop() == 0, serve.output()
+    assert_sorted_as_a_copy(theirs, before, tree, dump)
 
 
 # -- no shell ------------------------------------------------------------------------------
