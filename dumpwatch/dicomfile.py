@@ -85,7 +85,47 @@ class DicomFile:
     def _stream(self) -> io.IOBase:
         if self.data is not None:
             return io.BytesIO(self.data)
-        return open(os.dup(self.fd), "rb", buffering=1024 * 1024)
+        return io.BufferedReader(FileAt(self.fd), 1 << 20)
+
+
+class FileAt(io.RawIOBase):
+    """A read-only stream over an open descriptor that keeps its own position.
+
+    It reads with pread, which never moves the descriptor's offset: a stream made with
+    open(os.dup(fd)) shares that offset with every other one, so each read began where the
+    last reader (the hash, say) had stopped, at the end of the file. Closing it leaves the
+    descriptor open: its owner closes that.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+        self.name = fd  # as open(fd) names its stream; pydicom asks
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        done = os.preadv(self.fd, [buffer], self.position)
+        self.position += done
+        return done
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self.position
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self.fd).st_size
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.position
 
 
 def open_regular(path: str) -> tuple[int, os.stat_result]:
@@ -136,7 +176,7 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             buffer: bytes | mmap.mmap = data
         else:
             data = None
-            with open(os.dup(fd), "rb") as stream:
+            with FileAt(fd) as stream:
                 digest = hashlib.file_digest(stream, "sha256").hexdigest()
                 size = stream.tell()
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
@@ -148,7 +188,7 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
                     return DicomFile(path, fd, st, size, digest, ds, 0, data, False)
                 except _Unexpected:
                     pass
-            stream = io.BytesIO(data) if data is not None else open(os.dup(fd), "rb", buffering=1 << 20)
+            stream = io.BytesIO(data) if data is not None else io.BufferedReader(FileAt(fd), 1 << 20)
             with stream:
                 ds, tail = _parse_header(stream, size)
             trailing = check_complete(ds, size, buffer)
