@@ -188,9 +188,16 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
                     return DicomFile(path, fd, st, size, digest, ds, 0, data, False)
                 except _Unexpected:
                     pass
+            try:
+                _, position, ts = _file_meta(buffer, size)
+                encoding: tuple[bool, bool] | None = data_set_encoding(buffer, size, position, ts)
+            except _Unexpected:
+                encoding = None  # pydicom's reader judges the file meta
             stream = io.BytesIO(data) if data is not None else io.BufferedReader(FileAt(fd), 1 << 20)
             with stream:
                 ds, tail = _parse_header(stream, size)
+            if encoding is not None:  # as the data set is, not as its file meta says
+                ds.set_original_encoding(*encoding, ds.original_character_set)
             trailing = check_complete(ds, size, buffer)
             return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing)
         finally:
@@ -247,8 +254,29 @@ def _one_line(exc: BaseException) -> str:
 def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
     """Walk the whole file by declared lengths; return a Dataset of the wanted elements.
 
-    Raises Incomplete if the file is shorter than it declares, _Unexpected for anything
-    the full reader should look at instead.
+    Raises Incomplete if the file is shorter than it declares, Rejected if its data set is
+    not encoded as its file meta says, _Unexpected for anything the full reader should look
+    at instead.
+    """
+    meta, position, ts = _file_meta(buffer, size)
+    if ts == _DEFLATED:
+        raise _Unexpected()
+    implicit, little = data_set_encoding(buffer, size, position, ts)
+    walker = _Walker(buffer, size, implicit, little)
+    found, seen = walker.walk(position, wanted | _ALWAYS)
+    if not seen:
+        raise Incomplete("no data set after the file meta information")
+    ds = Dataset(found)
+    ds.file_meta = FileMetaDataset(meta)
+    ds.set_original_encoding(implicit, little, None)
+    _check_object(ds.file_meta, seen, ds)
+    return ds
+
+
+def _file_meta(buffer, size: int) -> tuple[dict[int, RawDataElement], int, str]:
+    """The file meta's elements, where the data set starts, and the transfer syntax named.
+
+    Raises _Unexpected for a file meta the walk cannot follow.
     """
     meta: dict[int, RawDataElement] = {}
     walker = _Walker(buffer, size, implicit=False, little=True)
@@ -263,21 +291,54 @@ def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
     syntax = meta.get(0x00020010)
     if syntax is None or position >= size:
         raise _Unexpected()
-    ts = syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
-    if ts == _DEFLATED:
-        raise _Unexpected()
+    return meta, position, syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
+
+
+_ENCODINGS = {(True, True): "Implicit VR Little Endian", (False, True): "Explicit VR Little Endian",
+              (False, False): "Explicit VR Big Endian", (True, False): "implicit VR in big endian byte order"}
+
+
+def data_set_encoding(buffer, size: int, position: int, ts: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the data set at position, as its first element shows it.
+
+    A file meta may name the wrong transfer syntax. Explicit or implicit VR shows in the first
+    element's VR: pydicom reads such a data set as it is, and so does the walk; but pydicom's
+    original_encoding keeps what the meta said. The byte order shows in the first group: a data
+    set begins in a low group (0008, most often), and a group above 00FF that is below it read
+    the other way round was written in the other byte order. No reader reads that as it is,
+    nor a data set deflated or not against what the meta says: Rejected, saying so.
+    """
     implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
-    if not implicit and not _looks_explicit(buffer, position, size):
-        implicit = True  # a file meta that says explicit VR before an implicit data set
-    walker = _Walker(buffer, size, implicit, little)
-    found, seen = walker.walk(position, wanted | _ALWAYS)
-    if not seen:
-        raise Incomplete("no data set after the file meta information")
-    ds = Dataset(found)
-    ds.file_meta = FileMetaDataset(meta)
-    ds.set_original_encoding(implicit, little, None)
-    _check_object(ds.file_meta, seen, ds)
-    return ds
+    if position + 8 > size:  # not one whole element header (a cut, maybe in the meta): the walk says so
+        return implicit, little
+    explicit = _looks_explicit(buffer, position, size)
+    named, other = ("<H", ">H") if little else (">H", "<H")
+    group, swapped = struct.unpack_from(named, buffer, position)[0], struct.unpack_from(other, buffer, position)[0]
+    if ts == _DEFLATED:
+        if min(group, swapped) <= 0xFF and not _inflates(buffer, position, size):
+            actual = _ENCODINGS[(not explicit, group <= 0xFF)]
+            raise Rejected(_mislabelled(ts, f"not deflated: it is encoded as {actual}"))
+        return implicit, little
+    if group > 0xFF >= swapped:
+        raise Rejected(_mislabelled(ts, f"encoded as {_ENCODINGS[(not explicit, not little)]}"))
+    if min(group, swapped) > 0xFF and _inflates(buffer, position, size):
+        raise Rejected(_mislabelled(ts, f"deflated ({UID(_DEFLATED).name})"))
+    return not explicit, little
+
+
+def _inflates(buffer, position: int, size: int) -> bool:
+    """True if a raw deflate stream starts at position and begins a data set (a low group, a VR)."""
+    try:
+        start = zlib.decompressobj(-zlib.MAX_WBITS).decompress(buffer[position : min(size, position + 4096)], 6)
+    except zlib.error:
+        return False
+    return len(start) == 6 and struct.unpack_from("<H", start)[0] <= 0xFF and _looks_explicit(start, 0, 6)
+
+
+def _mislabelled(ts: str, actual: str) -> str:
+    name = UID(ts).name
+    named = f"{name} ({ts})" if name != ts else ts
+    return f"the file meta names transfer syntax {named}, but the data set is {actual}"
 
 
 def _looks_explicit(buffer, position: int, size: int) -> bool:

@@ -274,7 +274,11 @@ def _positive(text: str | None) -> bool:
 def _encode_header(dicom: DicomFile) -> bytes:
     """The changed header, in the file's own encoding; the pixel data is copied after it as is."""
     buffer = io.BytesIO()
-    dcmwrite(buffer, dicom.ds, enforce_file_format=False)
+    # In the data set's own encoding, not the one its file meta names: they differ when the
+    # meta names the wrong VR (read as it is), and the pixel data after it is copied as it is.
+    implicit, little = dicom.ds.original_encoding
+    dcmwrite(buffer, dicom.ds, enforce_file_format=False, implicit_vr=implicit, little_endian=little,
+             force_encoding=True)
     return buffer.getvalue()
 
 

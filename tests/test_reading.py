@@ -4,6 +4,7 @@ reason that says what is wrong with it."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, generate_uid
 
 from dumpwatch.config import read_config
 from dumpwatch.dicomfile import IN_MEMORY_MAX
@@ -100,3 +102,80 @@ def test_files_over_64_mib_are_read_whole_with_or_without_anonymising(tmp_path, 
     finally:  # 540 MB of pixel data: not kept for pytest's last three runs
         for folder in ("dump", "out", "q"):
             shutil.rmtree(tmp_path / folder, ignore_errors=True)
+
+
+# -- a file meta that names the wrong transfer syntax ----------------------------------------
+
+EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+JPEG_LOSSLESS, DEFLATED = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1.99"
+SIEMENS, IMPLICIT_FILE, BIG_ENDIAN_FILE = ("siemens_fieldmap/2_gre_field_magph/e1_01.dcm", "transfer_syntax/2.dcm",
+                                           "transfer_syntax/3.dcm")
+NAMES = {EXPLICIT_LE: "Explicit VR Little Endian", IMPLICIT_LE: "Implicit VR Little Endian",
+         EXPLICIT_BE: "Explicit VR Big Endian", DEFLATED: "Deflated Explicit VR Little Endian"}
+
+# name: (real file, the transfer syntax its file meta is made to name, what happens)
+# Only the VR (explicit or implicit) mislabelled: pydicom tells by the first element and reads
+# it as it is, so it is sorted. A wrong byte order, or deflate where the meta says none or the
+# other way round, no reader can undo: the quarantine says what the data set is.
+MISLABELLED = {
+    "MR.explicit-meta-implicit-data": (IMPLICIT_FILE, EXPLICIT_LE, "sorted"),
+    "MR.implicit-meta-explicit-data": (SIEMENS, IMPLICIT_LE, "sorted"),
+    "MR.jpeg-meta-implicit-data": (IMPLICIT_FILE, JPEG_LOSSLESS, "sorted"),
+    "MR.big-endian-meta-little-endian-data": (SIEMENS, EXPLICIT_BE, "encoded as Explicit VR Little Endian"),
+    "MR.little-endian-meta-big-endian-data": (BIG_ENDIAN_FILE, EXPLICIT_LE, "encoded as Explicit VR Big Endian"),
+    "MR.implicit-meta-big-endian-data": (BIG_ENDIAN_FILE, IMPLICIT_LE, "encoded as Explicit VR Big Endian"),
+    "MR.big-endian-meta-implicit-data": (IMPLICIT_FILE, EXPLICIT_BE, "encoded as Implicit VR Little Endian"),
+    "MR.deflated-meta-plain-data": (SIEMENS, DEFLATED, "not deflated: it is encoded as Explicit VR Little Endian"),
+    "MR.plain-meta-deflated-data": (SIEMENS, EXPLICIT_LE, "deflated (Deflated Explicit VR Little Endian)"),
+}
+
+
+def mislabelled(path: Path, source: Path, syntax: str, number: int) -> None:
+    """source with a new SOPInstanceUID and InstanceNumber, written in its own encoding (or,
+    if its meta is made to name another one, deflated); then its file meta is made to name
+    `syntax`, the data set's bytes left as they are."""
+    ds = dcmread(source)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = number
+    if "deflated-data" in path.name:
+        ds.file_meta.TransferSyntaxUID = UID(DEFLATED)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    data = buffer.getvalue()
+    data_set = data[144 + int.from_bytes(data[140:144], "little"):]
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    meta = io.BytesIO()
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + data_set)
+
+
+@pytest.mark.parametrize("mode", ANONYMISE)
+def test_a_file_meta_naming_the_wrong_transfer_syntax(tmp_path, testdata, mode):
+    dump = tmp_path / "dump"
+    sources = {}
+    for number, (name, (rel, syntax, _)) in enumerate(MISLABELLED.items(), start=10):
+        mislabelled(dump / name, testdata / rel, syntax, number)
+        sources[name] = dcmread(testdata / rel)
+    cfg = read_config(site_config(tmp_path, mode))
+    outcomes: list[Outcome] = []
+    summary = sort_dir(dump, cfg, on_outcome=outcomes.append)
+    assert not summary.stopped
+    assert os.listdir(dump) == []
+    by_name = {Path(o.source).name: o for o in outcomes}
+    reasons = [p.read_text().splitlines()[0] for p in (tmp_path / "q").glob("*.reason.txt")]
+    for name, (rel, syntax, expected) in MISLABELLED.items():
+        outcome = by_name[name]
+        if expected == "sorted":
+            assert outcome.outcome == "sorted", (name, outcome.detail)
+            placed = dcmread(outcome.detail)  # the whole file, pixel data and all
+            assert placed.PixelData == sources[name].PixelData, name  # the header fits the pixel data's encoding
+            assert placed.file_meta.TransferSyntaxUID == syntax  # as it came
+            if mode != "plain":
+                assert "PatientName" not in placed or placed.PatientName != sources[name].PatientName
+        else:
+            assert outcome.outcome == "quarantined", (name, outcome.outcome, outcome.detail)
+            reason = f"the file meta names transfer syntax {NAMES[syntax]} ({syntax}), but the data set is {expected}"
+            assert outcome.detail == reason, name
+            assert reason in reasons, name  # beside the file (named by a token when anonymising)
