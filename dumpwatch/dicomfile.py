@@ -28,6 +28,11 @@ from pydicom.uid import UID
 from dumpwatch.errors import Incomplete, Rejected
 
 IN_MEMORY_MAX = 64 * 1024 * 1024  # larger files are hashed in chunks and walked through mmap
+# A deflated data set may inflate 1,000-fold (1.5 MB to 1.5 GiB), and pydicom holds it inflated
+# and its elements at once: a worker peaked at 2.1 times the inflated size (read once), 5.2 GB
+# for such a bomb when read twice. Beyond this, a file is rejected before pydicom reads it, so
+# one deflated file costs a worker about 550 MB at most.
+INFLATED_MAX = 256 * 1024 * 1024
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SPECTROSCOPY_DATA = 0x56000020
@@ -192,10 +197,14 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
                 _, position, ts = _file_meta(buffer, size)
                 encoding: tuple[bool, bool] | None = data_set_encoding(buffer, size, position, ts)
             except _Unexpected:
-                encoding = None  # pydicom's reader judges the file meta
+                if _DEFLATED.encode() in buffer[132 : min(size, 1 << 16)]:  # unbounded in pydicom
+                    raise Rejected("a file meta that cannot be read, naming the deflated transfer syntax") from None
+                encoding, ts = None, ""  # pydicom's reader judges the file meta
+            if ts == _DEFLATED:
+                _check_inflated(buffer, size, position)
             stream = io.BytesIO(data) if data is not None else io.BufferedReader(FileAt(fd), 1 << 20)
             with stream:
-                ds, tail = _parse_header(stream, size)
+                ds, tail = _parse_header(stream, size, deflated=ts == _DEFLATED)
             if encoding is not None:  # as the data set is, not as its file meta says
                 ds.set_original_encoding(*encoding, ds.original_character_set)
             trailing = check_complete(ds, size, buffer)
@@ -227,12 +236,15 @@ def _check_start(buffer, size: int) -> None:
         raise Rejected("not a DICOM file (no 'DICM' marker at byte 128)")
 
 
-def _parse_header(stream: io.IOBase, size: int) -> tuple[Dataset, int]:
+def _parse_header(stream: io.IOBase, size: int, deflated: bool = False) -> tuple[Dataset, int]:
     try:
+        # Deflate compresses the whole data set: no byte offset separates header and pixel
+        # data, so read all of it (a rewrite writes all of it), and once: pydicom inflates all
+        # of it for each read.
+        if deflated:
+            return dcmread(stream), size
         ds = dcmread(stream, stop_before_pixels=True)
         if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
-            # Deflate compresses the whole data set: no byte offset separates header and pixel
-            # data, so read all of it (a rewrite writes all of it).
             stream.seek(0)
             return dcmread(stream), size
     except Exception as exc:  # pydicom raises many kinds for a damaged header
@@ -364,8 +376,7 @@ def check_complete(ds: Dataset, size: int, buffer) -> bool:
     if not len(ds):
         raise Incomplete("no data set after the file meta information")
     if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
-        _check_deflated(ds, size, buffer)
-        return False
+        return False  # whole: _check_inflated saw its zlib stream end, before pydicom read it
     implicit, little = ds.original_encoding
     last = ds.get_item(next(reversed(ds.keys())))
     value_at = getattr(last, "value_tell", None)
@@ -483,14 +494,23 @@ class _Walker:
             position = value_at + length
 
 
-def _check_deflated(ds: Dataset, size: int, buffer) -> None:
-    """A deflated data set is whole when its zlib stream reaches its end."""
-    meta_length = int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
-    position = 132 + 12 + meta_length
+def _check_inflated(buffer, size: int, position: int) -> None:
+    """A deflated data set is whole when its zlib stream reaches its end, and may not inflate
+    beyond INFLATED_MAX. Checked before pydicom reads it (pydicom inflates all of it in memory),
+    in chunks whose output is bounded too: a chunk of a deflate bomb inflates 1,000-fold."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while position < size and not inflater.eof:
-        chunk = buffer[position : position + (1 << 20)]
-        inflater.decompress(chunk, 0)
-        position += len(chunk)
-    if not inflater.eof:
-        raise Incomplete(f"the deflated data set is cut short ({size} bytes)")
+    inflated = 0
+    pending = b""
+    while not inflater.eof:
+        if not pending:
+            if position >= size:
+                raise Incomplete(f"the deflated data set is cut short ({size} bytes)")
+            pending = buffer[position : position + (1 << 20)]
+            position += len(pending)
+        try:
+            inflated += len(inflater.decompress(pending, 1 << 20))
+        except zlib.error as exc:
+            raise Rejected(f"unreadable DICOM header: {_one_line(exc)}") from None
+        pending = inflater.unconsumed_tail
+        if inflated > INFLATED_MAX:
+            raise Rejected(f"the deflated data set inflates to more than {INFLATED_MAX >> 20} MiB")
