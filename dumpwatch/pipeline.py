@@ -788,16 +788,25 @@ class Sorter:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (in the main thread; elsewhere a no-op)."""
+    """Hold SIGINT and SIGTERM until the block ends (in the main thread; elsewhere a no-op).
+
+    By handlers that note a signal, then send it again: a signal mask holds it only in this
+    thread, and the kernel gives a signal sent to the process to any thread that does not
+    block it, such as the worker pool's own threads.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+    before = {signum: signal.signal(signum, lambda signum, _: held.append(signum))
+              for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

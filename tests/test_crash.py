@@ -133,11 +133,14 @@ def assert_clean(base: Path, dump_after: dict) -> None:
     assert sorted(reasons) == sorted(rel + ".reason.txt" for rel in files)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
-def test_ctrl_c_stops_at_the_end_of_a_batch(tmp_path, testdata, references, sig):
-    """A stop signal in the middle of a batch waits for the batch: nothing to recover."""
+def test_ctrl_c_stops_at_the_end_of_a_batch(tmp_path, testdata, references, sig, workers):
+    """A stop signal in the middle of a batch waits for the batch: nothing to recover. With
+    worker processes too: the pool's threads may be the ones the signal is given to."""
     base = tmp_path / "move"
     _, args = setup(base, testdata, "move")
+    (base / "dumpwatch.cfg").write_text(f"dir_out = out\ndir_quarantine = quarantine\nworkers = {workers}\n")
     inputs = tree_of(base / "dump")
     stopped = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"placed=10:{sig}"})
     if sig == "INT":
