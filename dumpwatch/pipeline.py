@@ -194,7 +194,7 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
         log.warning("cannot read %s", job.shown(path), exc_info=True)
         return Failed(path, "quarantine", f"unreadable file: {type(exc).__name__}: {str(exc)[:150]}")
     try:
-        failpoints.hit("read")
+        failpoints.hit("read", path)
         return _prepare_read(dicom, job)
     except Rejected as exc:
         return Failed(path, "quarantine", str(exc), dicom.sha256)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -108,3 +109,97 @@ def test_serve_quarantines_a_deflate_bomb_within_a_memory_limit(tmp_path, bomb, 
     finally:
         code = serve.stop()
     assert code == 0, serve.output()
+
+
+# -- a file that kills the process reading it ------------------------------------------------
+
+
+def poisoned(how: str) -> dict[str, str]:
+    """A failpoint (dumpwatch/failpoints.py) that kills each worker process reading a file
+    named MR.poison with a real signal, as the out-of-memory killer or a crash in a C library
+    would; with "alone", dumpwatch itself too, as it is about to try the file alone."""
+    points = {"worker": "read~MR.poison", "segfault": "read~MR.poison=:SEGV",
+              "alone": "read~MR.poison,alone~MR.poison"}
+    return {"DUMPWATCH_FAILPOINTS": points[how]}
+
+
+def test_serve_quarantines_a_file_that_kills_its_worker_and_goes_on(tmp_path, template_file, monkeypatch):
+    cfg = write_config(tmp_path / "site")
+    site = cfg.parent
+    monkeypatch.setenv("DUMPWATCH_FAILPOINTS", poisoned("worker")["DUMPWATCH_FAILPOINTS"])
+    serve = Serve(cfg)
+    try:
+        make_dicom(site / "dump" / "MR.poison", template_file, InstanceNumber=99)
+        normal_files(site / "dump", template_file, 6)
+        quarantine = site / "quarantine"
+        wait_for(lambda: (quarantine / "MR.poison.reason.txt").exists() or serve.process.poll() is not None,
+                 60, "the poison quarantined")
+        assert serve.process.poll() is None, serve.output()
+        assert reason_of(quarantine, "MR.poison") == (
+            "it stopped the reading process twice (the second time alone: killed by signal 9, SIGKILL)")
+        wait_for(lambda: len(tree_of(site / "sorted")) == 6, 30, "the other files sorted")
+        make_dicom(site / "dump" / "MR.later", template_file, InstanceNumber=50)  # the fresh workers work
+        wait_for(lambda: len(tree_of(site / "sorted")) == 7, 30, "a later file sorted")
+        assert serve.process.poll() is None, serve.output()
+        assert "a worker process died (killed by signal 9, SIGKILL)" in serve.output()
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.output()
+    assert sorted(os.listdir(site / "dump")) == [".dumpwatch.lock"]
+
+
+def test_a_restarted_serve_does_not_loop_on_a_file_that_stops_it(tmp_path, template_file, monkeypatch):
+    """The file kills a worker, and then serve itself while it is tried alone (a supervisor
+    restarts serve each time): the try is recorded before it, so the third start quarantines
+    it without reading it again, and goes on."""
+    cfg = write_config(tmp_path / "site")
+    site = cfg.parent
+    make_dicom(site / "dump" / "MR.poison", template_file, InstanceNumber=99)
+    normal_files(site / "dump", template_file, 4)
+    monkeypatch.setenv("DUMPWATCH_FAILPOINTS", poisoned("alone")["DUMPWATCH_FAILPOINTS"])
+    for start in (1, 2):
+        serve = Serve(cfg, wait=False)
+        assert serve.process.wait(timeout=60) == -signal.SIGKILL, serve.output()
+        serve.log.close()
+        assert (site / "dump" / "MR.poison").exists()
+    serve = Serve(cfg)
+    try:
+        quarantine = site / "quarantine"
+        wait_for(lambda: (quarantine / "MR.poison.reason.txt").exists() or serve.process.poll() is not None,
+                 60, "the poison quarantined")
+        assert serve.process.poll() is None, serve.output()
+        assert reason_of(quarantine, "MR.poison") == "it stopped dumpwatch itself twice while it was read alone"
+        wait_for(lambda: len(tree_of(site / "sorted")) == 4, 30, "the other files sorted")
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.output()
+    assert not list((site / "sorted" / ".dumpwatch").glob("suspect-*")), "the record is gone with the file"
+
+
+def test_sort_once_quarantines_a_file_that_crashes_its_worker(tmp_path, template_file):
+    dump = tmp_path / "dump"
+    make_dicom(dump / "MR.poison", template_file, InstanceNumber=99)
+    normal_files(dump, template_file, 5)
+    args = ("sort-once", str(dump), "--out", str(tmp_path / "out"), "--quarantine", str(tmp_path / "q"))
+    result = run_process(*args, env=poisoned("segfault"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "stopped early" not in result.stdout
+    assert reason_of(tmp_path / "q", "MR.poison") == (
+        "it stopped the reading process twice (the second time alone: killed by signal 11, SIGSEGV)")
+    assert len(tree_of(tmp_path / "out")) == 5
+    assert os.listdir(dump) == []
+
+
+def test_sort_once_run_again_does_not_loop_on_a_file_that_stops_it(tmp_path, template_file):
+    dump = tmp_path / "dump"
+    make_dicom(dump / "MR.poison", template_file, InstanceNumber=99)
+    normal_files(dump, template_file, 5)
+    args = ("sort-once", str(dump), "--out", str(tmp_path / "out"), "--quarantine", str(tmp_path / "q"))
+    for run in (1, 2):
+        result = run_process(*args, env=poisoned("alone"))
+        assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    result = run_process(*args, env=poisoned("alone"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert reason_of(tmp_path / "q", "MR.poison") == "it stopped dumpwatch itself twice while it was read alone"
+    assert len(tree_of(tmp_path / "out")) == 5
+    assert os.listdir(dump) == []
