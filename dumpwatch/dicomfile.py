@@ -28,6 +28,11 @@ from pydicom.uid import UID
 from dumpwatch.errors import Incomplete, Rejected
 
 IN_MEMORY_MAX = 64 * 1024 * 1024  # larger files are hashed in chunks and walked through mmap
+# A deflated data set may inflate 1,000-fold (1.5 MB to 1.5 GiB), and pydicom holds it inflated
+# and its elements at once: a worker peaked at 2.1 times the inflated size (read once), 5.2 GB
+# for such a bomb when read twice. Beyond this, a file is rejected before pydicom reads it, so
+# one deflated file costs a worker about 550 MB at most.
+INFLATED_MAX = 256 * 1024 * 1024
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SPECTROSCOPY_DATA = 0x56000020
@@ -87,7 +92,47 @@ class DicomFile:
     def _stream(self) -> io.IOBase:
         if self.data is not None:
             return io.BytesIO(self.data)
-        return open(os.dup(self.fd), "rb", buffering=1024 * 1024)
+        return io.BufferedReader(FileAt(self.fd), 1 << 20)
+
+
+class FileAt(io.RawIOBase):
+    """A read-only stream over an open descriptor that keeps its own position.
+
+    It reads with pread, which never moves the descriptor's offset: a stream made with
+    open(os.dup(fd)) shares that offset with every other one, so each read began where the
+    last reader (the hash, say) had stopped, at the end of the file. Closing it leaves the
+    descriptor open: its owner closes that.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+        self.name = fd  # as open(fd) names its stream; pydicom asks
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        done = os.preadv(self.fd, [buffer], self.position)
+        self.position += done
+        return done
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self.position
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self.fd).st_size
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.position
 
 
 def open_regular(path: str) -> tuple[int, os.stat_result]:
@@ -138,7 +183,7 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             buffer: bytes | mmap.mmap = data
         else:
             data = None
-            with open(os.dup(fd), "rb") as stream:
+            with FileAt(fd) as stream:
                 digest = hashlib.file_digest(stream, "sha256").hexdigest()
                 size = stream.tell()
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
@@ -151,9 +196,20 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
                     return DicomFile(path, fd, st, size, digest, ds, 0, data, False, False, identity, body)
                 except _Unexpected:
                     pass
-            stream = io.BytesIO(data) if data is not None else open(os.dup(fd), "rb", buffering=1 << 20)
+            try:
+                _, position, ts = _file_meta(buffer, size)
+                encoding: tuple[bool, bool] | None = data_set_encoding(buffer, size, position, ts)
+            except _Unexpected:
+                if _DEFLATED.encode() in buffer[132 : min(size, 1 << 16)]:  # unbounded in pydicom
+                    raise Rejected("a file meta that cannot be read, naming the deflated transfer syntax") from None
+                encoding, ts = None, ""  # pydicom's reader judges the file meta
+            if ts == _DEFLATED:
+                _check_inflated(buffer, size, position)
+            stream = io.BytesIO(data) if data is not None else io.BufferedReader(FileAt(fd), 1 << 20)
             with stream:
-                ds, tail = _parse_header(stream, size)
+                ds, tail = _parse_header(stream, size, deflated=ts == _DEFLATED)
+            if encoding is not None:  # as the data set is, not as its file meta says
+                ds.set_original_encoding(*encoding, ds.original_character_set)
             trailing = check_complete(ds, size, buffer)
             return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing, identity, body)
         finally:
@@ -183,12 +239,15 @@ def _check_start(buffer, size: int) -> None:
         raise Rejected("not a DICOM file (no 'DICM' marker at byte 128)")
 
 
-def _parse_header(stream: io.IOBase, size: int) -> tuple[Dataset, int]:
+def _parse_header(stream: io.IOBase, size: int, deflated: bool = False) -> tuple[Dataset, int]:
     try:
+        # Deflate compresses the whole data set: no byte offset separates header and pixel
+        # data, so read all of it (a rewrite writes all of it), and once: pydicom inflates all
+        # of it for each read.
+        if deflated:
+            return dcmread(stream), size
         ds = dcmread(stream, stop_before_pixels=True)
         if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
-            # Deflate compresses the whole data set: no byte offset separates header and pixel
-            # data, so read all of it (a rewrite writes all of it).
             stream.seek(0)
             return dcmread(stream), size
     except Exception as exc:  # pydicom raises many kinds for a damaged header
@@ -334,8 +393,29 @@ def _prefix_of(st: os.stat_result, buffer, whole: bool, wanted: frozenset[int]) 
 def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
     """Walk the whole file by declared lengths; return a Dataset of the wanted elements.
 
-    Raises Incomplete if the file is shorter than it declares, _Unexpected for anything
-    the full reader should look at instead.
+    Raises Incomplete if the file is shorter than it declares, Rejected if its data set is
+    not encoded as its file meta says, _Unexpected for anything the full reader should look
+    at instead.
+    """
+    meta, position, ts = _file_meta(buffer, size)
+    if ts == _DEFLATED:
+        raise _Unexpected()
+    implicit, little = data_set_encoding(buffer, size, position, ts)
+    walker = _Walker(buffer, size, implicit, little)
+    found, seen = walker.walk(position, wanted | _ALWAYS)
+    if not seen:
+        raise Incomplete("no data set after the file meta information")
+    ds = Dataset(found)
+    ds.file_meta = FileMetaDataset(meta)
+    ds.set_original_encoding(implicit, little, None)
+    _check_object(ds.file_meta, seen, ds)
+    return ds
+
+
+def _file_meta(buffer, size: int) -> tuple[dict[int, RawDataElement], int, str]:
+    """The file meta's elements, where the data set starts, and the transfer syntax named.
+
+    Raises _Unexpected for a file meta the walk cannot follow.
     """
     meta: dict[int, RawDataElement] = {}
     walker = _Walker(buffer, size, implicit=False, little=True)
@@ -350,21 +430,54 @@ def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
     syntax = meta.get(0x00020010)
     if syntax is None or position >= size:
         raise _Unexpected()
-    ts = syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
-    if ts == _DEFLATED:
-        raise _Unexpected()
+    return meta, position, syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
+
+
+_ENCODINGS = {(True, True): "Implicit VR Little Endian", (False, True): "Explicit VR Little Endian",
+              (False, False): "Explicit VR Big Endian", (True, False): "implicit VR in big endian byte order"}
+
+
+def data_set_encoding(buffer, size: int, position: int, ts: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the data set at position, as its first element shows it.
+
+    A file meta may name the wrong transfer syntax. Explicit or implicit VR shows in the first
+    element's VR: pydicom reads such a data set as it is, and so does the walk; but pydicom's
+    original_encoding keeps what the meta said. The byte order shows in the first group: a data
+    set begins in a low group (0008, most often), and a group above 00FF that is below it read
+    the other way round was written in the other byte order. No reader reads that as it is,
+    nor a data set deflated or not against what the meta says: Rejected, saying so.
+    """
     implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
-    if not implicit and not _looks_explicit(buffer, position, size):
-        implicit = True  # a file meta that says explicit VR before an implicit data set
-    walker = _Walker(buffer, size, implicit, little)
-    found, seen = walker.walk(position, wanted | _ALWAYS)
-    if not seen:
-        raise Incomplete("no data set after the file meta information")
-    ds = Dataset(found)
-    ds.file_meta = FileMetaDataset(meta)
-    ds.set_original_encoding(implicit, little, None)
-    _check_object(ds.file_meta, seen, ds)
-    return ds
+    if position + 8 > size:  # not one whole element header (a cut, maybe in the meta): the walk says so
+        return implicit, little
+    explicit = _looks_explicit(buffer, position, size)
+    named, other = ("<H", ">H") if little else (">H", "<H")
+    group, swapped = struct.unpack_from(named, buffer, position)[0], struct.unpack_from(other, buffer, position)[0]
+    if ts == _DEFLATED:
+        if min(group, swapped) <= 0xFF and not _inflates(buffer, position, size):
+            actual = _ENCODINGS[(not explicit, group <= 0xFF)]
+            raise Rejected(_mislabelled(ts, f"not deflated: it is encoded as {actual}"))
+        return implicit, little
+    if group > 0xFF >= swapped:
+        raise Rejected(_mislabelled(ts, f"encoded as {_ENCODINGS[(not explicit, not little)]}"))
+    if min(group, swapped) > 0xFF and _inflates(buffer, position, size):
+        raise Rejected(_mislabelled(ts, f"deflated ({UID(_DEFLATED).name})"))
+    return not explicit, little
+
+
+def _inflates(buffer, position: int, size: int) -> bool:
+    """True if a raw deflate stream starts at position and begins a data set (a low group, a VR)."""
+    try:
+        start = zlib.decompressobj(-zlib.MAX_WBITS).decompress(buffer[position : min(size, position + 4096)], 6)
+    except zlib.error:
+        return False
+    return len(start) == 6 and struct.unpack_from("<H", start)[0] <= 0xFF and _looks_explicit(start, 0, 6)
+
+
+def _mislabelled(ts: str, actual: str) -> str:
+    name = UID(ts).name
+    named = f"{name} ({ts})" if name != ts else ts
+    return f"the file meta names transfer syntax {named}, but the data set is {actual}"
 
 
 def _looks_explicit(buffer, position: int, size: int) -> bool:
@@ -390,8 +503,7 @@ def check_complete(ds: Dataset, size: int, buffer) -> bool:
     if not len(ds):
         raise Incomplete("no data set after the file meta information")
     if ds.file_meta.get("TransferSyntaxUID", "") == _DEFLATED:
-        _check_deflated(ds, size, buffer)
-        return False
+        return False  # whole: _check_inflated saw its zlib stream end, before pydicom read it
     implicit, little = ds.original_encoding
     last = ds.get_item(next(reversed(ds.keys())))
     value_at = getattr(last, "value_tell", None)
@@ -515,14 +627,23 @@ class _Walker:
             position = value_at + length
 
 
-def _check_deflated(ds: Dataset, size: int, buffer) -> None:
-    """A deflated data set is whole when its zlib stream reaches its end."""
-    meta_length = int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
-    position = 132 + 12 + meta_length
+def _check_inflated(buffer, size: int, position: int) -> None:
+    """A deflated data set is whole when its zlib stream reaches its end, and may not inflate
+    beyond INFLATED_MAX. Checked before pydicom reads it (pydicom inflates all of it in memory),
+    in chunks whose output is bounded too: a chunk of a deflate bomb inflates 1,000-fold."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while position < size and not inflater.eof:
-        chunk = buffer[position : position + (1 << 20)]
-        inflater.decompress(chunk, 0)
-        position += len(chunk)
-    if not inflater.eof:
-        raise Incomplete(f"the deflated data set is cut short ({size} bytes)")
+    inflated = 0
+    pending = b""
+    while not inflater.eof:
+        if not pending:
+            if position >= size:
+                raise Incomplete(f"the deflated data set is cut short ({size} bytes)")
+            pending = buffer[position : position + (1 << 20)]
+            position += len(pending)
+        try:
+            inflated += len(inflater.decompress(pending, 1 << 20))
+        except zlib.error as exc:
+            raise Rejected(f"unreadable DICOM header: {_one_line(exc)}") from None
+        pending = inflater.unconsumed_tail
+        if inflated > INFLATED_MAX:
+            raise Rejected(f"the deflated data set inflates to more than {INFLATED_MAX >> 20} MiB")

@@ -198,7 +198,7 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
         log.warning("cannot read %s", job.shown(path), exc_info=True)
         return Failed(path, "quarantine", f"unreadable file: {type(exc).__name__}: {str(exc)[:150]}")
     try:
-        failpoints.hit("read")
+        failpoints.hit("read", path)
         return _prepare_read(dicom, job)
     except Rejected as exc:
         return Failed(path, "quarantine", str(exc), dicom.sha256)
@@ -282,7 +282,11 @@ def _positive(text: str | None) -> bool:
 def _encode_header(dicom: DicomFile) -> bytes:
     """The changed header, in the file's own encoding; the pixel data is copied after it as is."""
     buffer = io.BytesIO()
-    dcmwrite(buffer, dicom.ds, enforce_file_format=False)
+    # In the data set's own encoding, not the one its file meta names: they differ when the
+    # meta names the wrong VR (read as it is), and the pixel data after it is copied as it is.
+    implicit, little = dicom.ds.original_encoding
+    dcmwrite(buffer, dicom.ds, enforce_file_format=False, implicit_vr=implicit, little_endian=little,
+             force_encoding=True)
     return buffer.getvalue()
 
 
@@ -821,16 +825,25 @@ class Sorter:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (in the main thread; elsewhere a no-op)."""
+    """Hold SIGINT and SIGTERM until the block ends (in the main thread; elsewhere a no-op).
+
+    By handlers that note a signal, then send it again: a signal mask holds it only in this
+    thread, and the kernel gives a signal sent to the process to any thread that does not
+    block it, such as the worker pool's own threads.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+    before = {signum: signal.signal(signum, lambda signum, _: held.append(signum))
+              for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -169,7 +169,9 @@ def sort_dir(
             count_first(total)
         workers = cfg.worker_count if total >= 64 else 1
         size = max(1, min(64, total // (workers * 4) or 1))
-        with Workers(sorter.job, workers) as pool:
+        # Always in worker processes, even one: a file that kills its reader (memory, a crash
+        # in a C library) is then quarantined, where it would end sort-once at every run.
+        with Workers(sorter.job, workers, always_pool=True, state=None if dry_run else cfg.state_dir) as pool:
             try:
                 listing = walk(root, skip, summary.unreadable, quarantine, summary.served)
                 for results in pool.run(chunked(listing, size)):
@@ -182,9 +184,9 @@ def sort_dir(
                         progress(len(outcomes))
             except KeyboardInterrupt:
                 summary.stopped = "interrupted"
-            except BrokenProcessPool:
-                summary.stopped = "a worker process died"
-                log.error("a worker process died; the files it had are still in place")
+            except BrokenProcessPool:  # a dead worker is replaced: this is a pool that cannot start
+                summary.stopped = "worker processes die as they start"
+                log.error("worker processes die as they start; the files not handled are still in place")
             except sqlite3.Error as exc:  # a full disk, say: no file moves without its journal row
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)

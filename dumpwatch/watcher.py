@@ -227,7 +227,7 @@ class Server:
                 self.sorter.recover()
             except (sqlite3.Error, OSError) as exc:
                 self._pause(exc)  # a full disk: wait for space rather than fail at every start
-            self.workers = Workers(self.sorter.job, cfg.worker_count, always_pool=True)
+            self.workers = Workers(self.sorter.job, cfg.worker_count, always_pool=True, state=cfg.state_dir)
         except BaseException:
             self.lock.close()
             raise
@@ -239,7 +239,8 @@ class Server:
         # path -> (when it was last seen to change, (inode, size, mtime) then): files that are
         # finished once they have stood still for stable_seconds and no process has them open.
         self.changed: dict[str, tuple[float, tuple | None]] = {}
-        self.running: set[Future] = set()
+        self.running: dict[Future, list[str]] = {}  # chunks at the workers
+        self.orphans: list[str] = []  # files of chunks that failed with a dead worker
         self.limit = 2 * self.workers.count  # chunks at the workers at once
         self.submit_at = 0.0
         self.stats = _Stats()
@@ -251,7 +252,8 @@ class Server:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Sort until stop is set. Raises ServeFailed if the observer or a worker dies."""
+        """Sort until stop is set. Raises ServeFailed if the observer dies, or if worker
+        processes die as soon as they start (a worker that dies later is replaced)."""
         polling = self.cfg.observer == "polling"
         self.observer = PollingObserver(timeout=self.cfg.stable_seconds / 2) if polling else Observer()
         handler = _Changed(self.todo) if polling else _Closed(self.todo)
@@ -265,6 +267,8 @@ class Server:
         try:
             while not stop.is_set():
                 self._check_health()
+                if self.workers.broken:
+                    self._worker_died()
                 moment = time.monotonic()
                 if self.paused_until:
                     if moment < self.paused_until or not self._resume():
@@ -298,8 +302,22 @@ class Server:
             raise ServeFailed(f"the watcher of {self.dump} stopped")
         if _identity(self.dump) != self.dump_id:  # inotify watches the folder, not its name
             raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew")
-        if self.workers.broken:
-            raise ServeFailed("a worker process died")
+
+    def _worker_died(self) -> None:
+        """A worker process died (the out-of-memory killer, a crash in a C library), and every
+        chunk at the pool failed with it. Their files are tried again, each alone in a fresh
+        pool: a file that stops its reading process alone goes to the quarantine, the others
+        are sorted, and serve goes on (an exit would only bring the same file back at the
+        restart). New arrivals wait in hand meanwhile."""
+        while self.running:  # the pool fails all it holds at once
+            self._take(1.0, None)
+        orphans, self.orphans = self.orphans, []
+        try:
+            results = self.workers.retry_alone(orphans)
+        except BrokenProcessPool:
+            raise ServeFailed("worker processes die as they start") from None
+        if results:
+            self._handle(results)
 
     def close(self) -> None:
         self.workers.close()
@@ -330,11 +348,11 @@ class Server:
             elif kind == "changed":
                 self._note(value, time.monotonic())
             elif kind == "done":
-                self.running.discard(value)
+                chunk = self.running.pop(value, [])
                 try:
                     results += value.result()
                 except BrokenProcessPool:
-                    raise ServeFailed("a worker process died") from None
+                    self.orphans += chunk  # tried again, each alone, by _worker_died
             elif kind == "sweep":
                 log.warning("sweeping the dump: %s", value)
                 self._sweep()
@@ -376,8 +394,12 @@ class Server:
     def _submit(self) -> None:
         while self.pending and len(self.running) < self.limit:
             chunk = [self.pending.popleft() for _ in range(min(len(self.pending), CHUNK))]
-            future = self.workers.submit(chunk)
-            self.running.add(future)
+            try:
+                future = self.workers.submit(chunk)
+            except BrokenProcessPool:
+                self.orphans += chunk
+                return
+            self.running[future] = chunk
             future.add_done_callback(lambda f: self.todo.put(("done", f)))
 
     def _sweep(self) -> None:

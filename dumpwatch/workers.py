@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
 import signal
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from pydicom import config as pydicom_config
 
+from dumpwatch import failpoints, keys
 from dumpwatch.pipeline import Failed, Job, Prepared, prepare
+
+log = logging.getLogger(__name__)
 
 Result = Prepared | Failed
 
@@ -54,19 +61,37 @@ def _prepare_chunk(paths: list[str]) -> list[Result]:
 
 
 class Workers:
-    """Runs prepare() over chunks of paths: in `count` processes, or in this one if count is 1."""
+    """Runs prepare() over chunks of paths: in `count` processes, or in this one if count is 1
+    and no pool is asked for.
 
-    def __init__(self, job: Job, count: int, always_pool: bool = False, nice: int = 0):
+    A worker process that dies (the out-of-memory killer, a crash in a C library) takes the
+    pool with it: every chunk in it fails. Their files are then prepared again one at a time
+    in a fresh pool (retry_alone), so that a death is the file's own: a file that stops the
+    reading process alone is quarantined, and no file can stop the sorting.
+    """
+
+    def __init__(self, job: Job, count: int, always_pool: bool = False, nice: int = 0,
+                 state: Path | None = None):
+        """always_pool: in worker processes even if count is 1 (a crash there is survived),
+        started now, not with the first file; state: the folder for the record of lone tries."""
         self.job = job
         self.count = count
+        self.always_pool = always_pool
+        self.nice = nice
+        self.suspects = Suspects(state, job.anonymiser.key if job.anonymiser else None)
         self.pool: ProcessPoolExecutor | None = None
         if count > 1 or always_pool:
-            # fork: the workers start at once with pydicom already imported; they are made
-            # before any thread exists in this process.
-            self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_start_worker, initargs=(job, os.getpid(), nice))
-            if always_pool:  # a server: start the workers now, not with the first file
-                self.pool.submit(int).result()
+            self._start()
+
+    def _start(self) -> None:
+        # fork: the workers start at once with pydicom already imported; they are made
+        # before any thread exists in this process, except for a fresh pool after a worker
+        # died (serve's watcher runs then: the workers need only logging, which re-makes its
+        # locks after a fork, and pydicom).
+        self.pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_start_worker, initargs=(self.job, os.getpid(), self.nice))
+        if self.always_pool:  # start the workers now, not with the first file
+            self.pool.submit(int).result()
 
     def run(self, chunks: Iterable[list[str]]) -> Iterator[list[Result]]:
         """Results chunk by chunk, as they complete; at most a few chunks are in flight."""
@@ -75,19 +100,85 @@ class Workers:
                 yield [prepare(path, self.job) for path in chunk]
             return
         todo = iter(chunks)
-        running: set[Future] = set()
+        running: dict[Future, list[str]] = {}
+        orphans: list[str] = []  # the files of the chunks a dead worker's pool failed
         limit = 2 * self.count + 1
         while True:
-            while len(running) < limit:
+            while not self.broken and len(running) < limit:
                 chunk = next(todo, None)
                 if chunk is None:
                     break
-                running.add(self.pool.submit(_prepare_chunk, chunk))
+                try:
+                    running[self.submit(chunk)] = chunk
+                except BrokenProcessPool:
+                    orphans += chunk
             if not running:
-                return
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
+                if not self.broken:
+                    return
+                results = self.retry_alone(orphans)
+                orphans = []
+                if results:
+                    yield results
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                yield future.result()
+                chunk = running.pop(future)
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    orphans += chunk
+                    continue
+                yield results
+
+    def retry_alone(self, paths: list[str]) -> list[Result]:
+        """After a worker died, with paths at the pool: a fresh pool, and each file alone in it.
+
+        The pool fails every chunk it holds when one worker dies, and cannot tell whose file
+        killed it; alone, a file that kills its worker again is the cause. Call it once no
+        chunk is in flight.
+        """
+        how = self.death()
+        log.error("a worker process died (%s) with %d files in hand: trying each of them alone",
+                  how, len(paths))
+        self.restart()
+        return [self._alone(path) for path in paths]
+
+    def _alone(self, path: str) -> Result:
+        before = self.suspects.begin(path)  # recorded before the try: it may end this process too
+        if before >= 2:
+            self.suspects.end(path)
+            log.error("%s: dumpwatch stopped twice while reading it alone: to the quarantine",
+                      self.job.shown(path))
+            return Failed(path, "quarantine", "it stopped dumpwatch itself twice while it was read alone")
+        failpoints.hit("alone", path)
+        assert self.pool is not None
+        try:
+            result = self.pool.submit(_prepare_chunk, [path]).result()[0]
+        except BrokenProcessPool:
+            how = self.death()
+            log.error("%s stopped its reading process again, alone (%s): to the quarantine",
+                      self.job.shown(path), how)
+            self.restart()
+            result = Failed(path, "quarantine", f"it stopped the reading process twice (the second time alone: {how})")
+        self.suspects.end(path)
+        return result
+
+    def death(self) -> str:
+        """How the worker process that broke the pool ended, e.g. "killed by signal 9, SIGKILL"."""
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        for _ in range(100):  # the pool's own thread may be reaping it at this moment
+            for process in processes:
+                code = process.exitcode
+                if code:
+                    return _ended(code)
+            time.sleep(0.01)
+        return "it ended"
+
+    def restart(self) -> None:
+        """A fresh pool in place of a broken one."""
+        self.close()
+        failpoints.disarm()
+        self._start()
 
     @property
     def broken(self) -> bool:
@@ -95,7 +186,8 @@ class Workers:
         return bool(getattr(self.pool, "_broken", False))  # CPython's executor marks itself so
 
     def submit(self, chunk: list[str]) -> Future:
-        """prepare() the chunk in a worker process; the future holds its results."""
+        """prepare() the chunk in a worker process; the future holds its results. Raises
+        BrokenProcessPool once a worker has died: see retry_alone."""
         assert self.pool is not None
         return self.pool.submit(_prepare_chunk, chunk)
 
@@ -117,3 +209,91 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {-code}, {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Suspects:
+    """Files being tried alone after a worker died: one small record each in the state folder,
+    written (and synced) before the try, removed after it.
+
+    If dumpwatch itself ends during the try (the out-of-memory killer may choose it, and a
+    supervisor may stop the whole service when one of its processes is killed), the next run
+    finds the record: a file whose lone tries twice ended with dumpwatch is quarantined without
+    a third, so no restart loops on it. A record is named by a keyed hash of the file's path
+    and holds only its identity: the state folder never holds what anonymising removes.
+    """
+
+    STALE = 7 * 86400  # seconds: a record left by a try that ended with dumpwatch, then unused
+
+    def __init__(self, folder: Path | None, key: bytes | None):
+        self.folder = folder  # None: a dry run, records in memory only
+        self.key = key or b"dumpwatch suspects"
+        self.memory: dict[str, dict] = {}
+        if folder is not None:
+            try:
+                for old in folder.glob("suspect-*"):
+                    if time.time() - old.lstat().st_mtime > self.STALE:
+                        old.unlink()
+            except OSError:
+                pass
+
+    def _name(self, path: str) -> str:
+        return "suspect-" + keys.digest(self.key, "suspect", path)[:16].hex() + ".json"
+
+    def begin(self, path: str) -> int:
+        """Record a lone try of path; return how many began before it and never ended."""
+        try:
+            st = os.lstat(path)
+            identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+        except OSError:
+            identity = None  # prepare() says what is wrong with it
+        name = self._name(path)
+        record = self._read(name)
+        before = int(record.get("tries", 0)) if record.get("id") == identity else 0
+        if before < 2:
+            self._write(name, {"id": identity, "tries": before + 1})
+        return before
+
+    def end(self, path: str) -> None:
+        name = self._name(path)
+        self.memory.pop(name, None)
+        if self.folder is not None:
+            try:
+                os.unlink(self.folder / name)
+            except FileNotFoundError:
+                pass
+
+    def _read(self, name: str) -> dict:
+        if self.folder is None:
+            return self.memory.get(name, {})
+        try:
+            record = json.loads((self.folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _write(self, name: str, record: dict) -> None:
+        if self.folder is None:
+            self.memory[name] = record
+            return
+        temporary = self.folder / f"{name}.{os.getpid()}.part"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.folder / name)
+        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

@@ -70,10 +70,12 @@ def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
-def run_process(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run dumpwatch as its own process (for kills and real exit codes)."""
+def run_process(*args: str, env: dict | None = None, cwd: Path | None = None,
+                prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run dumpwatch as its own process (for kills and real exit codes), under `prefix` if given
+    (prlimit, for a memory limit)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dumpwatch", *args], capture_output=True, text=True,
+    return subprocess.run([*prefix, sys.executable, "-m", "dumpwatch", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=300)
 
 

@@ -90,14 +90,15 @@ class Serve:
     """`dumpwatch serve` as its own process, ready once it holds the dump's lock."""
 
     def __init__(self, cfg: Path, wait: bool = True, user: int | None = None, group: int | None = None,
-                 session: bool = False):
+                 session: bool = False, prefix: tuple[str, ...] = ()):
         """user, group: run as them (the test runs as root); session: in a process group of its
-        own, as a supervisor starts it, so that a signal can reach serve and its workers."""
+        own, as a supervisor starts it, so that a signal can reach serve and its workers;
+        prefix: a command serve runs under (prlimit, for a memory limit)."""
         self.cfg = cfg
         self.dump = Path(config_value(cfg, "dir_dump"))
         self.log = open(cfg.parent / "serve.log", "ab")
         extra = {} if user is None else {"user": user, "group": group, "extra_groups": []}
-        self.process = subprocess.Popen([sys.executable, "-m", "dumpwatch", "--config", str(cfg), "serve"],
+        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "dumpwatch", "--config", str(cfg), "serve"],
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=session,
                                         cwd=cfg.parent, env={**os.environ, "PYTHONPATH": str(REPO)}, **extra)
         log_file = config_value(cfg, "fname_log") if "fname_log" in cfg.read_text() else ""
