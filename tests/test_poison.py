@@ -157,7 +157,7 @@ def test_a_restarted_serve_does_not_loop_on_a_file_that_stops_it(tmp_path, templ
     make_dicom(site / "dump" / "MR.poison", template_file, InstanceNumber=99)
     normal_files(site / "dump", template_file, 4)
     monkeypatch.setenv("DUMPWATCH_FAILPOINTS", poisoned("alone")["DUMPWATCH_FAILPOINTS"])
-    for start in (1, 2):
+    for _start in (1, 2):
         serve = Serve(cfg, wait=False)
         assert serve.process.wait(timeout=60) == -signal.SIGKILL, serve.output()
         serve.log.close()
@@ -195,7 +195,7 @@ def test_sort_once_run_again_does_not_loop_on_a_file_that_stops_it(tmp_path, tem
     make_dicom(dump / "MR.poison", template_file, InstanceNumber=99)
     normal_files(dump, template_file, 5)
     args = ("sort-once", str(dump), "--out", str(tmp_path / "out"), "--quarantine", str(tmp_path / "q"))
-    for run in (1, 2):
+    for _run in (1, 2):
         result = run_process(*args, env=poisoned("alone"))
         assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     result = run_process(*args, env=poisoned("alone"))

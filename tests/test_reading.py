@@ -165,7 +165,7 @@ def test_a_file_meta_naming_the_wrong_transfer_syntax(tmp_path, testdata, mode):
     assert os.listdir(dump) == []
     by_name = {Path(o.source).name: o for o in outcomes}
     reasons = [p.read_text().splitlines()[0] for p in (tmp_path / "q").glob("*.reason.txt")]
-    for name, (rel, syntax, expected) in MISLABELLED.items():
+    for name, (_rel, syntax, expected) in MISLABELLED.items():
         outcome = by_name[name]
         if expected == "sorted":
             assert outcome.outcome == "sorted", (name, outcome.detail)
