@@ -313,14 +313,45 @@ class Tree:
                 self.claims[key] = folder
                 return folder
             self.claims.pop(key, None)  # emptied, removed or replaced by hand since: look again
+        # Its folder may be any of "<name>", "<name>_2"...: a folder moved by hand into a
+        # sibling's name is that series' folder. Look at each that exists before taking the
+        # first free one, or a series would be stored twice.
         parent, base = folders[:-1], folders[-1]
+        last = min(self._last_number(parent, base), 9_999)
+        free = None
         for number in range(1, 10_000):
             rel = (*parent, base if number == 1 else f"{base}_{number}")
             folder = self._folder(rel)
-            if folder.series_uid is None or folder.series_uid == series_uid:
-                folder.series_uid = series_uid
-                self.claims[key] = folder
-                return folder
+            if folder.series_uid == series_uid:
+                break
+            if folder.series_uid is None and free is None:
+                free = folder
+            if free is not None and number >= last:
+                folder = free
+                break
+        else:
+            raise OSError(f"more than 10,000 series share the folder name {base!r}")
+        folder.series_uid = series_uid
+        self.claims[key] = folder
+        return folder
+
+    def _last_number(self, parent: tuple[str, ...], base: str) -> int:
+        """The highest N of the folders "<base>" (1) and "<base>_N" in parent on disk (0: none)."""
+        fd = self._open(parent)
+        if fd < 0:
+            return 0
+        last = 0
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.name == base:
+                        last = max(last, 1)
+                    elif entry.name.startswith(base + "_") and entry.name[len(base) + 1:].isdigit():
+                        last = max(last, int(entry.name[len(base) + 1:]))
+        finally:
+            os.close(fd)
+        return last
+
         raise OSError(f"more than 10,000 series share the folder name {base!r}")
 
     def _folder(self, rel: tuple[str, ...]) -> Folder:
@@ -429,8 +460,11 @@ class Tree:
         folder = decision.folder
         fd, created = make_dirs(self.root_fd, folder.rel, self.dir_mode, self.gid)
         try:
-            if created:  # new, and so as the decision pictured it (empty)
-                self._restamp(folder, fd)
+            if created:
+                if folder.stamp is not None:  # it was there when the decision was made
+                    raise TreeChanged(0, f"{self.path(folder.rel)} was moved or removed while this file was"
+                                         " being sorted")
+                self._restamp(folder, fd)  # new, and so as the decision pictured it: empty
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino, st.st_mtime_ns) != folder.stamp:
                 raise TreeChanged(0, f"{self.path(folder.rel)} changed while this file was being sorted")

@@ -269,3 +269,23 @@ def test_something_placed_at_a_needed_name_while_serve_runs_never_strands_a_file
     storescu(scp.port, files, tmp_path)
     wait_for(lambda: not dump_files(site), 30, "the dump emptied")
     assert _names(folder) == ["0001.dcm", "0002.dcm", "0002A.dcm", "0003.dcm", "0003A.dcm", "0004.dcm", "0004A.dcm"]
+
+
+def test_a_series_folder_moved_into_a_sibling_s_name_is_still_its_own(tmp_path, template_file):
+    """By hand, `rm -rf 001-gre_2; mv 001-gre 001-gre_2`: a re-send of the series now in
+    001-gre_2 finds it there; it is not stored again in the free 001-gre."""
+    cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q")
+    rng = random.Random(3)
+    x = series_files(tmp_path / "x", template_file, rng, count=3)
+    y = series_files(tmp_path / "y", template_file, rng, count=3)
+    x_uids = uids_of(x)
+    copy = tmp_path / "x-again"
+    shutil.copytree(tmp_path / "x", copy)
+    sort_dir(tmp_path / "x", cfg)
+    sort_dir(tmp_path / "y", cfg)
+    subject = tmp_path / "out" / "20210715-phantom"
+    shutil.rmtree(subject / "001-gre_2")
+    os.rename(subject / "001-gre", subject / "001-gre_2")
+    assert sort_dir(copy, cfg).counts == {"duplicate": 3}
+    assert _names(subject) == ["001-gre_2"]
+    assert uids_of(list((subject / "001-gre_2").iterdir())) == x_uids
