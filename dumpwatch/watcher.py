@@ -228,6 +228,10 @@ class Server:
             except (sqlite3.Error, OSError) as exc:
                 self._pause(exc)  # a full disk: wait for space rather than fail at every start
             self.workers = Workers(self.sorter.job, cfg.worker_count, always_pool=True)
+            # The tree's folders are opened by fd from its root: moved away, the tree would go on
+            # filling where it went; removed, every file would fail. So it is watched as the dump is.
+            self.out = Path(os.path.abspath(cfg.dir_out))
+            self.out_id = _identity(self.out)
         except BaseException:
             self.lock.close()
             raise
@@ -298,8 +302,14 @@ class Server:
             raise ServeFailed(f"the watcher of {self.dump} stopped")
         if _identity(self.dump) != self.dump_id:  # inotify watches the folder, not its name
             raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew")
+        self._check_tree()
         if self.workers.broken:
             raise ServeFailed("a worker process died")
+
+    def _check_tree(self) -> None:
+        if _identity(self.out) != self.out_id:
+            raise ServeFailed(f"the sorted tree {self.out} was moved, removed or replaced; starting again makes "
+                              "it anew (the files wait in the dump)")
 
     def close(self) -> None:
         self.workers.close()
@@ -478,6 +488,11 @@ class Server:
         if self.paused_until:
             self._set_aside(results)
             return
+        try:
+            self._check_tree()  # at once before placing: not one file into a tree moved away
+        except ServeFailed:
+            self._set_aside(results)
+            raise
         try:
             outcomes: list[Outcome] = self.sorter.handle(results)
         except (sqlite3.Error, OSError) as exc:

@@ -93,6 +93,41 @@ def test_the_dump_removed_and_made_again_under_serve(tmp_path, template_file):
         assert again.stop() == 0
 
 
+@pytest.mark.parametrize("how", ["moved away", "removed and made again"])
+def test_the_sorted_tree_replaced_under_serve(tmp_path, template_file, how):
+    """`mv sorted archive; mkdir sorted`, or `rm -rf sorted; mkdir sorted`: serve held the old
+    folder open, and went on writing into the archive (status: healthy, 0 sorted), or failed
+    every file with "No such file or directory". It exits for the supervisor instead; the
+    files wait in the dump, and the restart sorts them into the new tree."""
+    cfg = write_config(tmp_path / "site")
+    site = tmp_path / "site"
+    serve = Serve(cfg)
+    make_dicom(site / "dump" / "MR.1", template_file, InstanceNumber=1)  # closed in the dump: an event
+    try:
+        wait_for(lambda: dump_files(site / "dump") == [], 30, "the first file sorted")
+        if how == "moved away":
+            os.rename(site / "sorted", site / "archive")
+        else:
+            shutil.rmtree(site / "sorted")
+        (site / "sorted").mkdir()
+        make_dicom(site / "dump" / "MR.2", template_file, InstanceNumber=2)
+        wait_for(lambda: serve.process.poll() is not None, 30, "serve to exit")
+    finally:
+        serve.stop()
+    assert serve.process.returncode == 1, serve.output()
+    assert f"the sorted tree {site / 'sorted'} was moved, removed or replaced" in serve.output()
+    assert "Traceback" not in serve.output()
+    assert dump_files(site / "dump") == ["MR.2"]  # it waits: nothing lost
+    if how == "moved away":
+        assert list(tree_of(site / "archive")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+    again = Serve(cfg)  # as the supervisor restarts it
+    try:
+        wait_for(lambda: dump_files(site / "dump") == [], 30, "the waiting file sorted into the new tree")
+        assert list(tree_of(site / "sorted")) == ["20210715-phantom/002-gre_field_magph/0002.dcm"]
+    finally:
+        assert again.stop() == 0, again.output()
+
+
 def test_files_deleted_between_their_event_and_their_read(tmp_path, template_file):
     """Someone tidies the dump while files arrive: each deleted file is simply gone, the rest
     are sorted, and serve goes on."""
