@@ -60,6 +60,28 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) 
         root.addHandler(handler)
 
 
+def reopen_log() -> None:
+    """SIGHUP, as daemons take it: open the log file anew (logrotate's postrotate, or a log
+    moved by hand). If it cannot be opened, the old one is kept: a signal never stops serve."""
+    files = [h for h in logging.getLogger("dumpwatch").handlers
+             if isinstance(h, logging.handlers.WatchedFileHandler) and getattr(h, "dumpwatch", False)]
+    for handler in files:
+        try:
+            stream = handler._open()  # the handler's own opener: its mode, encoding and errors
+        except OSError as exc:
+            log.error("SIGHUP: cannot reopen the log file %s: %s; writing on to the old one",
+                      handler.baseFilename, exc.strerror)
+            continue
+        old = handler.setStream(stream)
+        handler._statstream()  # the file it now writes to, for its own check after logrotate
+        if old is not None:
+            old.close()
+    if files:
+        log.info("SIGHUP: reopened the log file %s", ", ".join(h.baseFilename for h in files))
+    else:
+        log.info("SIGHUP: no log file to reopen (fname_log is not set); going on")
+
+
 def _config(options: Options) -> Config:
     try:
         return load_config(options.config)
@@ -180,12 +202,27 @@ def serve_command(options: Options) -> None:
     # serve cleanly, as soon as it is ready, instead of killing it half-way.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # SIGHUP (whose default is to end the process) asks for the log to be reopened. The
+    # handler only passes that on: the loop does it on its own thread, never mid-write.
+    # The workers, forked later, inherit it: a SIGHUP to the process group spares them too.
+    server: Server | None = None
+    hangups: list[int] = []
+
+    def hangup(*_: object) -> None:
+        if server is None:
+            hangups.append(1)  # still starting: once the loop runs
+        else:
+            server.call_soon(reopen_log)
+
+    signal.signal(signal.SIGHUP, hangup)
     try:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, sqlite3.Error, ConfigError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+    if hangups:
+        server.call_soon(reopen_log)
     try:
         server.run(stop)
     except (ServeFailed, OSError) as exc:

@@ -306,6 +306,10 @@ class Server:
         if self.workers.broken:
             raise ServeFailed("a worker process died")
 
+    def call_soon(self, function) -> None:
+        """Run function() on the loop's thread, between batches (safe from a signal handler)."""
+        self.todo.put(("call", function))
+
     def _check_tree(self) -> None:
         if _identity(self.out) != self.out_id:
             raise ServeFailed(f"the sorted tree {self.out} was moved, removed or replaced; starting again makes "
@@ -348,6 +352,8 @@ class Server:
             elif kind == "sweep":
                 log.warning("sweeping the dump: %s", value)
                 self._sweep()
+            elif kind == "call":
+                value()
             try:
                 item = self.todo.get_nowait()
             except queue.Empty:

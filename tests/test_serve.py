@@ -363,6 +363,26 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(site, template_file):
         assert serve.stop() == 0
 
 
+def test_sighup_reopens_the_log_file_and_serve_lives_on(site, template_file):
+    """Daemons take SIGHUP to reopen their log (logrotate's postrotate `kill -HUP`); it killed
+    serve at once. A closed terminal sends it to the whole process group: the workers too."""
+    cfg = write_config(site.parent, fname_log="serve-file.log")
+    serve = Serve(cfg, session=True)
+    try:
+        log = site.parent / "serve-file.log"
+        wait_for(lambda: log.exists() and "watching" in log.read_text(), 20, "the log file")
+        os.rename(log, site.parent / "serve-file.log.1")  # logrotate, then its postrotate
+        os.killpg(serve.process.pid, signal.SIGHUP)
+        wait_for(lambda: log.exists() and "SIGHUP: reopened the log file" in log.read_text()
+                 or serve.process.poll() is not None, 20, "the log reopened")
+        assert serve.process.poll() is None, serve.output()
+        make_dicom(site.parent / "dump" / "MR.1", template_file)  # closed in the dump: an event
+        wait_for(lambda: settled(cfg, 1), 20, "the next file sorted")
+        assert "sorted " in log.read_text()
+    finally:
+        assert serve.stop() == 0, serve.output()
+
+
 def test_serve_exits_for_the_supervisor_when_the_dump_is_removed(site):
     serve = Serve(site)
     dump = site.parent / "dump"
