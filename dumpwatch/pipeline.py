@@ -92,6 +92,12 @@ def os_reason(exc: OSError) -> str:
     return text
 
 
+def disk_full(reason: str) -> bool:
+    """True if a file was left for want of space (os_reason's words for ENOSPC, anywhere in
+    the reason): serve then pauses rather than try each file again."""
+    return "disk full (" in reason
+
+
 @dataclass(frozen=True)
 class Job:
     """What a worker needs to prepare files; sent once to each worker process."""
@@ -171,6 +177,7 @@ def _writeback_seconds() -> float:
 WRITEBACK_SECONDS = _writeback_seconds()
 
 _staging_fds: dict[str, int] = {}
+_STAGING_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the staging folder's
 _counter = itertools.count()
 
 
@@ -207,6 +214,9 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
         dicom.close()
 
 
+STILL_ARRIVING = "incomplete, may still be arriving"  # a reason to leave a file that is no problem yet
+
+
 def _incomplete(path: str, reason: str, job: Job) -> Failed:
     """A short file may still be arriving; quarantine it once it has been still for long enough."""
     try:
@@ -216,7 +226,7 @@ def _incomplete(path: str, reason: str, job: Job) -> Failed:
     except OSError as exc:
         return Failed(path, "left", os_reason(exc))
     if age < job.incomplete_timeout:
-        return Failed(path, "left", f"incomplete, may still be arriving: {reason}")
+        return Failed(path, "left", f"{STILL_ARRIVING}: {reason}")
     return Failed(path, "quarantine", f"truncated: {reason}")
 
 
@@ -307,7 +317,13 @@ def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job)
         else:
             copy_range(dicom.fd, out, start, dicom.size - start)
 
-    retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
+    try:
+        retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
+    except OSError as exc:
+        if exc.errno not in _STAGING_ERRORS:
+            raise
+        # Say where: a full disk here is the tree's, which the dump's own may not be.
+        raise OSError(exc.errno, f"{exc.strerror or exc} in the staging folder {job.staging}") from None
     prepared.staged = name
     if header is not None:
         prepared.out_sha256, prepared.size = _digest_of(dicom, header)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from dcmtk import Serve, wait_for, write_config
+from dcmtk import Serve, Storescp, needs_dcmtk, wait_for, write_config
 
-from conftest import make_dicom, tree_of
+from conftest import make_dicom, run_process, tree_of
 
 
 def dump_files(dump: Path) -> list[str]:
@@ -71,6 +73,52 @@ def test_a_folder_serve_cannot_write_leaves_files_waiting_until_it_can(shared_ba
     lines = [line for line in serve.output().splitlines() if "Permission denied" in line]
     assert all(f"(user nobody may not write in {locked})" in line for line in lines), lines
     assert all("MR.phantom" in line or blocked == "dir_out" for line in lines), lines
+
+
+@needs_dcmtk
+def test_status_says_why_files_wait_and_alarms_when_they_keep_failing(shared_base, template_file):
+    """Files left in the dump for a reason that does not heal (here: serve may not take files
+    out of the dump) were only a count in status, healthy until backlog_alarm (5 minutes).
+    serve now tells status why; a file left 3 times for the same reason is a problem."""
+    base, nobody = shared_base
+    cfg = write_config(base)
+    for name in ("dump", "sorted", "quarantine"):
+        (base / name).mkdir()
+        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    dump = base / "dump"
+    (dump / ".dumpwatch.lock").touch()  # serve's own, made before the dump was handed to root
+    os.chown(dump / ".dumpwatch.lock", nobody.pw_uid, nobody.pw_gid)
+    os.chown(dump, 0, 0)  # root's storescp writes it; serve, as nobody, may read but not move
+
+    def status() -> tuple[int, dict, str]:
+        result = run_process("--config", str(cfg), "status", "--json")
+        text = run_process("--config", str(cfg), "status").stdout
+        return result.returncode, json.loads(result.stdout), text
+
+    scp = Storescp(cfg)
+    serve = Serve(cfg, user=nobody.pw_uid, group=nobody.pw_gid)
+    try:
+        assert status()[0] == 0
+        make_dicom(dump / "MR.1", template_file)  # closed in the dump: an event
+        wait_for(lambda: status()[0] == 1, 60, "the alarm")
+        code, report, text = status()
+        [problem] = report["problems"]
+        assert re.fullmatch(r"1 file in the dump cannot be sorted \(tried \d+ times\): "
+                            r"cannot place it: Permission denied.*", problem), problem
+        [left] = report["dump"]["left"]
+        assert left["files"] == 1 and left["tries"] >= 3, left
+        assert left["reason"].startswith("cannot place it: Permission denied"), left
+        assert report["dump"]["oldest_seconds"] < 300  # before backlog_alarm
+        assert re.search(r"1 file left \d+ times: cannot place it: Permission denied", text), text
+        os.chown(dump, nobody.pw_uid, nobody.pw_gid)  # the IT person fixes the folder
+        wait_for(lambda: dump_files(dump) == [], 60, "the file sorted once it can")
+        code, report, _ = status()
+        assert code == 0 and report["dump"]["left"] == [], report
+    finally:
+        assert serve.stop() == 0, serve.output()
+        scp.stop()
 
 
 def test_the_dump_removed_and_made_again_under_serve(tmp_path, template_file):

@@ -272,6 +272,58 @@ def test_status_reports_what_an_operator_needs(site, template_file, testdata, tm
         scp.stop()
 
 
+def _status(cfg: Path) -> tuple[int, dict]:
+    result = run_process("--config", str(cfg), "status", "--json")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_status_asks_the_port_for_a_dicom_service(site):
+    """Something other than storescp holds the port (storescp then dies with FATAL, and every
+    storescu fails): listening is not enough, a C-ECHO must be answered."""
+    import socket
+
+    port = read_config(site).port
+    serve = Serve(site)
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        code, report = _status(site)
+        assert code == 1 and not report["healthy"], report
+        assert report["storescp"]["listening"] and not report["storescp"]["answers"], report
+        [problem] = report["problems"]
+        assert problem.startswith(f"port {port} is open, but no DICOM service answers a C-ECHO there as AE title "
+                                  "DUMPWATCH (echoscu: "), problem
+        squatter.close()
+        scp = Storescp(site)
+        try:
+            code, report = _status(site)
+            assert code == 0 and report["storescp"]["answers"], report
+        finally:
+            scp.stop()
+    finally:
+        squatter.close()
+        assert serve.stop() == 0
+
+
+def test_status_is_unhealthy_when_the_journal_cannot_be_read(site, tmp_path):
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        assert _status(site)[0] == 0
+        damaged = tmp_path / "damaged.sqlite3"
+        damaged.write_bytes(b"not a database " * 100)
+        other = site.parent / "other.cfg"  # the same site, its journal read from elsewhere
+        other.write_text(site.read_text() + f"journal = {damaged}\n")
+        code, report = _status(other)
+        assert code == 1, report
+        assert report["problems"] == [f"the journal {damaged} cannot be read: file is not a database"], report
+    finally:
+        assert serve.stop() == 0
+        scp.stop()
+
+
 def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
     """The repository's supervisord configuration, as `make run` uses it."""
     var = tmp_path / "var"
@@ -580,6 +632,51 @@ def test_a_full_disk_pauses_sorting_and_nothing_is_lost(tmp_path, testdata):
             assert journal_at(small / "sorted", "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
         finally:
             assert serve.stop() == 0, serve.output()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_full_staging_disk_pauses_sorting_and_says_so(tmp_path, testdata):
+    """The dump is on another disk than the tree, so each file is first copied into the
+    staging folder on the tree's disk. That disk fills up (the journal is elsewhere, and can
+    be written): sorting pauses, as for a journal that cannot be written, and the lock
+    tells `status` why; nothing is quarantined or lost."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = write_config(tmp_path / "site", dir_out=small / "sorted", journal=tmp_path / "journal.sqlite3")
+        scp = Storescp(cfg)
+        serve = Serve(cfg)
+        try:
+            assert _status(cfg)[0] == 0
+            filler = small / "filler"
+            with open(filler, "wb", buffering=0) as fill:
+                try:
+                    while True:
+                        fill.write(b"\0" * 65536)
+                except OSError:
+                    pass
+            inputs = copy_testdata(testdata, tmp_path / "incoming", FIELDMAP)
+            dump = tmp_path / "site" / "dump"
+            for number, path in enumerate(inputs):
+                shutil_copy(path, dump / f"MR.{number:04d}")  # closed in the dump: events
+            staging = small / "sorted" / ".dumpwatch" / "tmp"
+            reason = f"disk full (No space left on device in the staging folder {staging})"
+            wait_for(lambda: f"sorting paused for 10 s: {reason}" in serve.output()
+                     or serve.process.poll() is not None, 60, "the pause")
+            code, report = _status(cfg)
+            assert code == 1 and report["problems"] == [f"sorting is paused: {reason}"], report
+            assert report["watcher"]["paused"] == reason
+            assert not (tmp_path / "site" / "quarantine").exists()
+            filler.unlink()  # space again
+            wait_for(lambda: len(tree_of(small / "sorted")) == len(inputs) and not dump_files(cfg), 120,
+                     "everything sorted once there was space")
+            assert _status(cfg)[0] == 0
+        finally:
+            assert serve.stop() == 0, serve.output()
+            scp.stop()
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
