@@ -35,6 +35,12 @@ CREATE INDEX IF NOT EXISTS outcomes_sha256 ON outcomes(sha256);
 CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
 CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
 CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes(time);
+CREATE TABLE IF NOT EXISTS rebuilds (  -- the journal was found new beside a tree that held files
+    id INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,     -- UTC, ISO 8601: the history before is lost
+    finished TEXT,             -- NULL while under way (a start stopped half-way goes on with it)
+    files INTEGER NOT NULL DEFAULT 0  -- rows rebuilt from the tree
+);
 """
 
 
@@ -53,7 +59,11 @@ def _text(text: str | None) -> str | None:
 
 def now() -> str:
     """UTC time to the millisecond, as the journal stores it."""
-    moment = time.time()
+    return time_text(time.time())
+
+
+def time_text(moment: float) -> str:
+    """A time.time() value as the journal stores times."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
 
 
@@ -82,6 +92,7 @@ class Entry:
     kept: bool = False
     out_sha256: str | None = None
     id: int | None = None  # set once written
+    time: str | None = None  # when it happened, if not now (a row rebuilt from the tree)
 
 
 class Journal:
@@ -99,10 +110,12 @@ class Journal:
         # that mode: pointed at the anonymisation key, it would make the key group-readable.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660)
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid():
                 os.fchmod(fd, mode & 0o660)  # whatever the umask: the group writes it too
         finally:
             os.close(fd)
+        self.identity = st.st_dev, st.st_ino  # the file SQLite writes to, whatever its name comes to hold
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -116,6 +129,36 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+    def lost(self) -> str:
+        """"was deleted" or "was replaced" if the journal's name no longer leads to the file
+        this journal writes to (SQLite writes on into an unlinked file without a word); else ""."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "was deleted"
+        except OSError:
+            return ""  # cannot tell: the next write says what is wrong
+        return "" if (st.st_dev, st.st_ino) == self.identity else "was replaced"
+
+    def empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM outcomes LIMIT 1").fetchone() is None
+
+    def rebuild_under_way(self) -> int | None:
+        """The id of a rebuild from the tree that a stop cut short, if any."""
+        row = self.db.execute("SELECT id FROM rebuilds WHERE finished IS NULL ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def begin_rebuild(self) -> int:
+        with self._transaction() as db:
+            return db.execute("INSERT INTO rebuilds (started) VALUES (?)", (now(),)).lastrowid
+
+    def finish_rebuild(self, rebuild: int, files: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE rebuilds SET finished = ?, files = files + ? WHERE id = ?", (now(), files, rebuild))
+
+    def has_dest(self, dest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM outcomes WHERE dest = ? LIMIT 1", (_text(dest),)).fetchone() is not None
 
     def begin(self, entries: Iterable[Entry]) -> None:
         """Write entries as under way (done = 0), before the files move."""
@@ -137,8 +180,9 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(first + number, stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid, e.series_uid,
-                  e.sha256, e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
+                [(first + number, e.time or stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid,
+                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason))
+                 for number, e in enumerate(entries)],
             )
             for number, entry in enumerate(entries):
                 entry.id = first + number

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydicom import dcmwrite
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from dumpwatch import failpoints, keys
+from dumpwatch import failpoints, keys, rebuild
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
@@ -778,7 +778,32 @@ class Sorter:
                     log.warning("settled %d interrupted steps: %d completed, %d undone", len(done) + len(forget),
                                 len(done), len(forget))
             self._clean_staging()
+            self._check_journal()
         return settled
+
+    def _check_journal(self) -> None:
+        """A journal without a row beside a tree that holds files was deleted (SQLite makes a
+        new one without a word), or the tree was filled without dumpwatch: say so, loudly, and
+        rebuild what the tree tells (dumpwatch.rebuild)."""
+        assert self.journal is not None
+        rebuilding = self.journal.rebuild_under_way()
+        root, extension, reserved = str(self.cfg.dir_out), self.cfg.extension, self.job.reserved
+        if rebuilding is None:
+            if not self.journal.empty() or next(rebuild.tree_files(root, extension, reserved), None) is None:
+                return
+            log.error("the journal %s is new, but the sorted tree %s holds files: the journal was deleted (its "
+                      "history is lost) or the tree was filled without dumpwatch; rebuilding a row per file from "
+                      "the tree", self.journal.path, root)
+            rebuilding = self.journal.begin_rebuild()
+        else:
+            log.error("going on with rebuilding the journal %s from the tree %s (a start was stopped half-way)",
+                      self.journal.path, root)
+        started = time.monotonic()
+        changed = self.job.anonymiser is not None or bool(self.job.anon_fields)
+        count = rebuild.rebuild(self.journal, root, extension, reserved, changed)
+        self.journal.finish_rebuild(rebuilding, count)
+        log.error("rebuilt %d journal rows from the tree %s in %.0f s (marked '%s'): the history before is lost",
+                  count, root, time.monotonic() - started, rebuild.REBUILT)
 
     def tidy(self) -> None:
         """Remove staged copies whose writer has died: a killed run's workers may still have

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import os
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ _RECENT = 5  # quarantined files listed with their reasons
 _SKEW = 60  # seconds a file's time may lie ahead of ours before status calls it a clock problem
 _ECHO_TIMEOUT = 2  # seconds for each step of a C-ECHO; storescp on this machine answers in milliseconds
 LEFT_ALARM = 3  # times a file may be left in the dump for the same reason before status calls it a problem
+REBUILT_ALARM = 86400  # seconds status is unhealthy after the journal was found new beside a full tree
 
 
 def listening(port: int) -> bool:
@@ -101,6 +103,12 @@ def report(cfg: Config) -> dict:
     result.update(_from_journal(cfg.journal_path))
     if result.get("journal_error"):
         problems.append(f"the journal {cfg.journal_path} cannot be read: {result['journal_error']}")
+    rebuilt = (result.get("journal") or {}).get("rebuilt")
+    if rebuilt and time.time() - _seconds(rebuilt["started"]) < REBUILT_ALARM:
+        # Its history is lost for good; a day is long enough for a monitor to see it and a person to read why.
+        problems.append(f"the journal was found new while the tree held files, at {rebuilt['started']}: its history"
+                        f" before then is lost; {rebuilt['files']} files were rebuilt from the tree"
+                        + ("" if rebuilt["finished"] else " (still under way)"))
     result["quarantine"] = _quarantine(cfg.quarantine_dir)
     result["problems"] = problems
     result["healthy"] = not problems
@@ -150,12 +158,24 @@ def _from_journal(path: Path | None) -> dict:
                                " AND dest > ? AND dest < ?", (folder + "/", folder + "0")).fetchone()[0]
             series = {"subject": os.path.basename(os.path.dirname(folder)), "series": os.path.basename(folder),
                       "files": files, "last_file_at": last[1]}
+        rebuilt = None
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rebuilds'").fetchone():
+            row = db.execute("SELECT started, finished, files FROM rebuilds ORDER BY id DESC LIMIT 1").fetchone()
+            rebuilt = row and {"started": row[0], "finished": row[1], "files": row[2]}
     except sqlite3.Error as exc:
         return {"sorted": None, "last_series": None, "journal_error": str(exc)}
     finally:
         if db is not None:
             db.close()
-    return {"sorted": counts, "last_series": series}
+    return {"sorted": counts, "last_series": series, "journal": {"rebuilt": rebuilt}}
+
+
+def _seconds(text: str) -> float:
+    """A journal time (UTC, ISO 8601) as a time.time() value."""
+    try:
+        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
 
 
 def _quarantine(folder: Path | None) -> dict:
@@ -204,6 +224,10 @@ def render(data: dict) -> str:
                      f"{data['sorted']['last_day']:,} in the last day")
     if data.get("journal_error"):
         lines.append(f"  journal      cannot be read: {data['journal_error']}")
+    rebuilt = (data.get("journal") or {}).get("rebuilt")
+    if rebuilt:
+        lines.append(f"  journal      found new at {rebuilt['started']} beside a tree that held files: "
+                     f"{rebuilt['files']} files rebuilt from the tree, the history before is lost")
     series = data.get("last_series")
     if series:
         lines.append(f"  last series  {series['subject']}/{series['series']}: {series['files']} files, "

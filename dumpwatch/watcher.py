@@ -321,6 +321,10 @@ class Server:
         if _identity(self.dump) != self.dump_id:  # inotify watches the folder, not its name
             raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew")
         self._check_tree()
+        lost = self.sorter.journal.lost() if self.sorter.journal else ""
+        if lost:
+            raise ServeFailed(f"the journal {self.sorter.journal.path} {lost} while serve ran (its history is gone "
+                              "with it); starting again makes a new one and rebuilds what it can from the tree")
         if self.workers.broken:
             raise ServeFailed("a worker process died")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -433,6 +434,50 @@ def test_sighup_reopens_the_log_file_and_serve_lives_on(site, template_file):
         assert "sorted " in log.read_text()
     finally:
         assert serve.stop() == 0, serve.output()
+
+
+def test_a_journal_deleted_under_serve_is_said_loudly_and_rebuilt_from_the_tree(site, template_file):
+    """`rm journal.sqlite3*` while serve ran: serve wrote on into the unlinked file, and the
+    next start made a new journal without a word: the history gone, the tree unjournalled.
+    serve now exits for the supervisor; the restart says the journal is new while the tree
+    holds files, and rebuilds a row per file from the tree."""
+    serve = Serve(site)
+    dump = site.parent / "dump"
+    for number in (1, 2):
+        make_dicom(dump / f"MR.{number}", template_file, InstanceNumber=number)
+    state = site.parent / "sorted" / ".dumpwatch"
+    try:
+        wait_for(lambda: settled(site, 2), 30, "the files sorted")
+        uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in sorted((site.parent / "sorted").rglob("*.dcm"))]
+        for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+            (state / name).unlink(missing_ok=True)
+        wait_for(lambda: serve.process.poll() is not None, 30, "serve to exit")
+    finally:
+        serve.stop()
+    assert serve.process.returncode == 1, serve.output()
+    assert f"the journal {state / 'journal.sqlite3'} was deleted while serve ran" in serve.output()
+    again = Serve(site)  # as the supervisor restarts it
+    try:
+        wait_for(lambda: "rebuilt 2 journal rows from the tree" in again.output(), 30, "the rebuild")
+        assert (f"the journal {state / 'journal.sqlite3'} is new, but the sorted tree {site.parent / 'sorted'} "
+                "holds files") in again.output()
+        placed = site.parent / "sorted" / "20210715-phantom" / "002-gre_field_magph" / "0001.dcm"
+        where = run_process("--config", str(site), "where", uids[0])
+        assert where.returncode == 0, where.stdout + where.stderr
+        assert f"sorted   -> {placed}  (rebuilt from the tree: the journal had no record of it)" in where.stdout
+        rows = journal(site, f"SELECT sha256, series_uid FROM outcomes WHERE dest = '{placed}'")
+        assert rows == [(hashlib.sha256(placed.read_bytes()).hexdigest(),
+                         str(dcmread(placed, stop_before_pixels=True).SeriesInstanceUID))]
+        report = json.loads(run_process("--config", str(site), "status", "--json").stdout)
+        assert [p for p in report["problems"] if "journal" in p] == [
+            f"the journal was found new while the tree held files, at {report['journal']['rebuilt']['started']}: "
+            "its history before then is lost; 2 files were rebuilt from the tree"], report
+        make_dicom(dump / "MR.3", template_file, InstanceNumber=3)
+        wait_for(lambda: settled(site, 3), 30, "a new file sorted")
+        assert journal(site, "SELECT count(*) FROM outcomes WHERE outcome = 'sorted'") == [(3,)]
+    finally:
+        assert again.stop() == 0, again.output()
 
 
 def test_serve_exits_for_the_supervisor_when_the_dump_is_removed(site):
