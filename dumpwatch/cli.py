@@ -219,7 +219,11 @@ def serve_command(options: Options) -> None:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, sqlite3.Error, ConfigError) as exc:
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot start: the journal {cfg.journal_path} cannot be used: {exc} (move it "
+                                   "aside to keep it: serve then starts a new one, and rebuilds what it can from "
+                                   "the tree)") from None
+    except (OSError, ConfigError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     if hangups:
         server.call_soon(reopen_log)
@@ -229,7 +233,7 @@ def serve_command(options: Options) -> None:
         log.error("stopping: %s", exc)
         sys.exit(EXIT_ERROR)
     except sqlite3.Error as exc:
-        log.error("stopping: the journal cannot be written: %s", exc)
+        log.error("stopping: the journal %s cannot be written: %s", cfg.journal_path, exc)
         sys.exit(EXIT_ERROR)
     finally:
         server.close()
@@ -338,11 +342,16 @@ def where(options: Options, term: str, out: Path | None) -> None:
             key = load_key(cfg.anon_key_path)  # the journal names files by keyed tokens
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    journal = Journal(path, key=key)
     try:
-        rows = journal.find(term)
-    finally:
-        journal.close()
+        journal = Journal(path, key=key)
+        try:
+            rows = journal.find(term, tree=cfg.dir_out)
+        finally:
+            journal.close()
+    except sqlite3.Error as exc:  # damaged: one line, as for any expected error
+        raise click.ClickException(f"the journal {path} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"the journal {path} cannot be read: {exc.strerror or exc}") from None
     if not rows:
         click.echo(f"no trace of {term} in {path}")
         sys.exit(EXIT_ERROR)

@@ -119,13 +119,17 @@ class Journal:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
-        # clean reboot, and costs no fsync. After a power cut the last moment of outcomes may
-        # be missing from the journal; the files themselves are safe (fsynced before they got
-        # their names). With FULL, two fsyncs per batch slowed storescp beside us by a fifth.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
+            # clean reboot, and costs no fsync. After a power cut the last moment of outcomes may
+            # be missing from the journal; the files themselves are safe (fsynced before they got
+            # their names). With FULL, two fsyncs per batch slowed storescp beside us by a fifth.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self.db.close()  # a damaged file: the caller says so
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -235,16 +239,22 @@ class Journal:
     def pending(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM outcomes WHERE done = 0 ORDER BY id").fetchall()
 
-    def find(self, term: str, limit: int = 200) -> list[sqlite3.Row]:
+    def find(self, term: str, limit: int = 200, tree: Path | None = None) -> list[sqlite3.Row]:
         """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path.
-        With the anonymisation key, also by its original name or SOPInstanceUID."""
+        With the anonymisation key, also by its original name or SOPInstanceUID. A path in
+        the sorted tree (below `tree`) is looked up by its place alone: its base name (0001.dcm)
+        is also the dump name of unrelated files (a CD's export)."""
         term = printable(term)
         name = os.path.basename(term.rstrip("/"))
-        values = {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term),
+        absolute = os.path.abspath(term)
+        values = {"name": name, "term": term, "lower": term.lower(), "absolute": absolute,
                   "limit": limit, "token": name, "uid": term}
         if self.key is not None:
             values["token"] = name_token(self.key, name)
             values["uid"] = new_uid(self.key, term)
+        root = os.path.abspath(tree) if tree is not None else None
+        if root is not None and absolute.startswith(root.rstrip("/") + "/"):
+            values["name"] = values["token"] = None  # name = NULL matches no row
         return self.db.execute(FIND_SQL, values).fetchall()
 
     def _transaction(self):

@@ -215,6 +215,7 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
 
 
 STILL_ARRIVING = "incomplete, may still be arriving"  # a reason to leave a file that is no problem yet
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR
 
 
 def _incomplete(path: str, reason: str, job: Job) -> Failed:
@@ -232,6 +233,11 @@ def _incomplete(path: str, reason: str, job: Job) -> Failed:
 
 def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     ds = dicom.ds
+    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")).strip(" \0") == MEDIA_DIRECTORY:
+        # Copied from a CD or DVD with the images: it lacks a SOPInstanceUID, and saying only that
+        # would send an operator looking for a damaged image.
+        raise Rejected(f"a DICOMDIR (MediaStorageSOPClassUID {MEDIA_DIRECTORY}): the directory index of a DICOM "
+                       "medium, not an image")
     sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")
     if not sop_uid:
         raise Rejected("no SOPInstanceUID (0008,0018)")
@@ -451,8 +457,10 @@ class Sorter:
                 failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
                 self._unstage(item)
                 continue
-            except OSError as exc:
-                failed.append(Failed(item.source, "left", os_reason(exc), item.sha256, item.sop_uid))
+            except OSError as exc:  # its series folder could not be read
+                planned = os.path.join(self.cfg.dir_out, *item.name.folders, item.name.stem)
+                reason = _reason(exc, planned, str(self.cfg.dir_out))
+                failed.append(Failed(item.source, "left", reason, item.sha256, item.sop_uid))
                 self._unstage(item)
                 continue
             dest = str(self.tree.path(decision.rel))
@@ -483,7 +491,8 @@ class Sorter:
                     raise _NotPlaced(*changed)
                 created = self._apply(plan)
             except (OSError, Rejected, _NotPlaced) as exc:
-                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc, plan.entry.dest))
+                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else (
+                    "left", _reason(exc, plan.entry.dest, str(self.cfg.dir_out), None if item.staged else item.source))
                 log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
@@ -668,12 +677,12 @@ class Sorter:
         except FileNotFoundError:
             return Outcome(item.source, "gone", "vanished before it could be quarantined")
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         try:
             make_folder(qdir, self.cfg.dir_mode & 0o2770, self.cfg.group)  # originals: never world-readable
             qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         try:
             if item.sha256 is None and stat.S_ISREG(st.st_mode):
                 item.sha256 = _sha256(item.source)
@@ -705,7 +714,7 @@ class Sorter:
                 failpoints.hit("quarantined")
             except OSError as exc:
                 _remove_at(qfd, name + ".reason.txt")
-                entry.reason = f"cannot quarantine it ({item.reason}): {os_reason(exc)}"
+                entry.reason = _unquarantined(item, exc, qdir)
                 if entry.id is not None:
                     self.journal.finish([], [entry])
                 else:
@@ -717,7 +726,7 @@ class Sorter:
                 os.close(reason_fd)
             self.journal.finish([entry])
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         finally:
             os.close(qfd)
         log.warning("quarantined %s: %s", self.job.shown(item.source), item.reason)
@@ -849,24 +858,73 @@ class _NotPlaced(Exception):
     """(outcome, reason) for a file that must not be placed now."""
 
 
-def _reason(exc: BaseException, dest: str | None = None) -> str:
-    text = f"cannot place it: {os_reason(exc) if isinstance(exc, OSError) else exc}"
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM) and dest:
-        folder = _blocking_folder(dest)
-        if folder:  # say where: the tree's folders are opened one by one, so the error cannot
-            text += f" (user {_user()} may not write in {folder})"
-    return text
+def _reason(exc: BaseException, dest: str | None = None, root: str | None = None, source: str | None = None) -> str:
+    """Why a file could not be placed at dest (in the tree at root), moved from source."""
+    text = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+    return f"cannot place it: {text}{_denied(exc, dest, root, source)}"
 
 
-def _blocking_folder(dest: str) -> str | None:
-    """The nearest existing folder on the way to dest that this process may not write in."""
+def _unquarantined(item: Failed, exc: OSError, qdir: Path) -> str:
+    where = _denied(exc, str(qdir / "x"), None, item.source)
+    return f"cannot quarantine it ({item.reason}): {os_reason(exc)}{where}"
+
+
+def _denied(exc: BaseException, dest: str | None, root: str | None = None, source: str | None = None) -> str:
+    """Where a refusal came from, as " (user U may not write in F)"; "" if not one, or not found.
+
+    The error cannot say: the tree's folders are opened one by one, by fd, so it names one
+    component at most; and a move is refused by the folder it takes the file out of (the
+    dump) as often as by the one it puts it in.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    problem = (_blocking_folder(dest, root) if dest else None) or (_source_problem(source) if source else None)
+    return f" (user {_user()} {problem})" if problem else ""
+
+
+def _blocking_folder(dest: str, root: str | None) -> str | None:
+    """What this process may not do on the way to dest: read a folder (each one from root
+    down is opened), or write in the nearest existing one."""
     folder = os.path.dirname(dest)
-    while folder and not os.path.lexists(folder):
+    while folder and not os.path.lexists(folder):  # also where a folder above may not be searched
         parent = os.path.dirname(folder)
         if parent == folder:
             return None
         folder = parent
-    return folder if folder and not os.access(folder, os.W_OK | os.X_OK) else None
+    if not folder:
+        return None
+    chain = [folder]
+    if root and _inside(folder, root):
+        while chain[-1] != root:
+            chain.append(os.path.dirname(chain[-1]))
+    for above in reversed(chain):
+        if not _may(above, os.R_OK | os.X_OK):
+            return f"may not read {above}"
+    return None if _may(folder, os.W_OK | os.X_OK) else f"may not write in {folder}"
+
+
+def _source_problem(source: str) -> str | None:
+    """Why a file may not be taken out of its folder: the folder is not ours to write in, or
+    is sticky (a shared dump) and the file is another user's."""
+    folder = os.path.dirname(source)
+    if not _may(folder, os.W_OK | os.X_OK):
+        return f"may not write in {folder}"
+    try:
+        st, file_st = os.stat(folder), os.lstat(source)
+    except OSError:
+        return None
+    if st.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, file_st.st_uid):
+        return f"may not move another user's file out of {folder}, a folder with the sticky bit"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _may(path: str, mode: int) -> bool:
+    """os.access as this process is (its effective ids, where the system can tell)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _user() -> str:

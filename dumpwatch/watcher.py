@@ -572,7 +572,12 @@ class Server:
         """The journal (or the tree) cannot be written, most often because the disk is full.
         Exiting would only restart into the same wall, until the supervisor gives up: wait
         instead, and try again. The files wait in the dump; nothing is lost."""
-        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        if isinstance(exc, OSError):
+            reason = os_reason(exc)
+        elif isinstance(exc, sqlite3.Error):
+            reason = f"the journal {self.cfg.journal_path} cannot be written: {exc}"
+        else:
+            reason = str(exc)
         log.error("sorting paused for %.0f s: %s; the files wait in the dump", self.pause, reason)
         self.lock.note_paused(reason)
         self.paused_until = time.monotonic() + self.pause

@@ -75,6 +75,49 @@ def test_a_folder_serve_cannot_write_leaves_files_waiting_until_it_can(shared_ba
     assert all("MR.phantom" in line or blocked == "dir_out" for line in lines), lines
 
 
+@pytest.mark.parametrize("blocked", ["dump", "unreadable subject folder", "quarantine"])
+def test_a_refusal_names_the_folder_that_refused(shared_base, template_file, blocked):
+    """"cannot place it: Permission denied" named no folder when the refusal came from the
+    dump (a move takes the file out of it), or from a tree folder serve may not read, and a
+    quarantine that refused named none either: the tree's folders are opened by fd, so the
+    error names no folder; the reason must find it."""
+    base, nobody = shared_base
+    cfg = write_config(base, sweep_interval=1)
+    for name in ("dump", "sorted", "quarantine"):
+        (base / name).mkdir()
+        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    dump = base / "dump"
+    if blocked == "dump":
+        (dump / ".dumpwatch.lock").touch()  # serve's own, made before the dump was handed to root
+        os.chown(dump / ".dumpwatch.lock", nobody.pw_uid, nobody.pw_gid)
+        locked, expected = dump, f"cannot place it: Permission denied (user nobody may not write in {dump})"
+    elif blocked == "unreadable subject folder":
+        locked = base / "sorted" / "20210715-phantom"
+        locked.mkdir()
+        expected = f"cannot place it: Permission denied (user nobody may not read {locked})"
+    else:
+        locked = base / "quarantine"
+        expected = ("cannot quarantine it (not a DICOM file (no 'DICM' marker at byte 128)): Permission denied "
+                    f"(user nobody may not write in {locked})")
+    os.chown(locked, 0, 0)
+    os.chmod(locked, 0o700 if blocked == "unreadable subject folder" else 0o755)
+    serve = Serve(cfg, user=nobody.pw_uid, group=nobody.pw_gid)
+    try:
+        path = make_dicom(base / "MR.1", template_file)
+        if blocked == "quarantine":
+            path.write_bytes(b"not DICOM " * 100)
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        os.rename(path, dump / "MR.1")
+        os.utime(dump / "MR.1")  # no event: the next sweep finds it
+        wait_for(lambda: "in place: " in serve.output() or "not placed at " in serve.output(), 30, "the refusal")
+    finally:
+        assert serve.stop() == 0, serve.output()
+    lines = [line for line in serve.output().splitlines() if "Permission denied" in line]
+    assert lines and all(line.endswith(expected) for line in lines), lines
+
+
 @needs_dcmtk
 def test_status_says_why_files_wait_and_alarms_when_they_keep_failing(shared_base, template_file):
     """Files left in the dump for a reason that does not heal (here: serve may not take files

@@ -480,6 +480,17 @@ def test_a_journal_deleted_under_serve_is_said_loudly_and_rebuilt_from_the_tree(
         assert again.stop() == 0, again.output()
 
 
+def test_serve_names_a_damaged_journal(site):
+    path = site.parent / "sorted" / ".dumpwatch" / "journal.sqlite3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a database " * 100)
+    serve = Serve(site, wait=False)
+    assert serve.process.wait(timeout=30) == 1
+    serve.log.close()
+    assert (f"Error: cannot start: the journal {path} cannot be used: file is not a database (move it aside to "
+            "keep it: serve then starts a new one, and rebuilds what it can from the tree)") in serve.output()
+
+
 def test_serve_exits_for_the_supervisor_when_the_dump_is_removed(site):
     serve = Serve(site)
     dump = site.parent / "dump"
