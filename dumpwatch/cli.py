@@ -60,6 +60,28 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) 
         root.addHandler(handler)
 
 
+def reopen_log() -> None:
+    """SIGHUP, as daemons take it: open the log file anew (logrotate's postrotate, or a log
+    moved by hand). If it cannot be opened, the old one is kept: a signal never stops serve."""
+    files = [h for h in logging.getLogger("dumpwatch").handlers
+             if isinstance(h, logging.handlers.WatchedFileHandler) and getattr(h, "dumpwatch", False)]
+    for handler in files:
+        try:
+            stream = handler._open()  # the handler's own opener: its mode, encoding and errors
+        except OSError as exc:
+            log.error("SIGHUP: cannot reopen the log file %s: %s; writing on to the old one",
+                      handler.baseFilename, exc.strerror)
+            continue
+        old = handler.setStream(stream)
+        handler._statstream()  # the file it now writes to, for its own check after logrotate
+        if old is not None:
+            old.close()
+    if files:
+        log.info("SIGHUP: reopened the log file %s", ", ".join(h.baseFilename for h in files))
+    else:
+        log.info("SIGHUP: no log file to reopen (fname_log is not set); going on")
+
+
 def _config(options: Options) -> Config:
     try:
         return load_config(options.config)
@@ -180,19 +202,38 @@ def serve_command(options: Options) -> None:
     # serve cleanly, as soon as it is ready, instead of killing it half-way.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # SIGHUP (whose default is to end the process) asks for the log to be reopened. The
+    # handler only passes that on: the loop does it on its own thread, never mid-write.
+    # The workers, forked later, inherit it: a SIGHUP to the process group spares them too.
+    server: Server | None = None
+    hangups: list[int] = []
+
+    def hangup(*_: object) -> None:
+        if server is None:
+            hangups.append(1)  # still starting: once the loop runs
+        else:
+            server.call_soon(reopen_log)
+
+    signal.signal(signal.SIGHUP, hangup)
     try:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, sqlite3.Error, ConfigError) as exc:
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot start: the journal {cfg.journal_path} cannot be used: {exc} (move it "
+                                   "aside to keep it: serve then starts a new one, and rebuilds what it can from "
+                                   "the tree)") from None
+    except (OSError, ConfigError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+    if hangups:
+        server.call_soon(reopen_log)
     try:
         server.run(stop)
     except (ServeFailed, OSError) as exc:
         log.error("stopping: %s", exc)
         sys.exit(EXIT_ERROR)
     except sqlite3.Error as exc:
-        log.error("stopping: the journal cannot be written: %s", exc)
+        log.error("stopping: the journal %s cannot be written: %s", cfg.journal_path, exc)
         sys.exit(EXIT_ERROR)
     finally:
         server.close()
@@ -301,11 +342,16 @@ def where(options: Options, term: str, out: Path | None) -> None:
             key = load_key(cfg.anon_key_path)  # the journal names files by keyed tokens
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    journal = Journal(path, key=key)
     try:
-        rows = journal.find(term)
-    finally:
-        journal.close()
+        journal = Journal(path, key=key)
+        try:
+            rows = journal.find(term, tree=cfg.dir_out)
+        finally:
+            journal.close()
+    except sqlite3.Error as exc:  # damaged: one line, as for any expected error
+        raise click.ClickException(f"the journal {path} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"the journal {path} cannot be read: {exc.strerror or exc}") from None
     if not rows:
         click.echo(f"no trace of {term} in {path}")
         sys.exit(EXIT_ERROR)

@@ -38,6 +38,12 @@ CREATE INDEX IF NOT EXISTS outcomes_sha256 ON outcomes(sha256);
 CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
 CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
 CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes(time);
+CREATE TABLE IF NOT EXISTS rebuilds (  -- the journal was found new beside a tree that held files
+    id INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,     -- UTC, ISO 8601: the history before is lost
+    finished TEXT,             -- NULL while under way (a start stopped half-way goes on with it)
+    files INTEGER NOT NULL DEFAULT 0  -- rows rebuilt from the tree
+);
 """
 
 
@@ -60,7 +66,11 @@ def _text(text: str | None) -> str | None:
 
 def now() -> str:
     """UTC time to the millisecond, as the journal stores it."""
-    moment = time.time()
+    return time_text(time.time())
+
+
+def time_text(moment: float) -> str:
+    """A time.time() value as the journal stores times."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
 
 
@@ -89,6 +99,7 @@ class Entry:
     kept: bool = False
     out_sha256: str | None = None
     id: int | None = None  # set once written
+    time: str | None = None  # when it happened, if not now (a row rebuilt from the tree)
 
 
 class Journal:
@@ -117,6 +128,7 @@ class Journal:
                 os.fchmod(fd, mode & 0o660)  # whatever the umask: the group writes it too
         finally:
             os.close(fd)
+        self.identity = st.st_dev, st.st_ino  # the file SQLite writes to, whatever its name comes to hold
         self.path = path
         if dir_fd is None:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
@@ -126,13 +138,17 @@ class Journal:
             uri = f"file:{quote(fd_path(dir_fd, path.parent))}/{quote(path.name)}?mode=rw"
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
-        # clean reboot, and costs no fsync. After a power cut the last moment of outcomes may
-        # be missing from the journal; the files themselves are safe (fsynced before they got
-        # their names). With FULL, two fsyncs per batch slowed storescp beside us by a fifth.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
+            # clean reboot, and costs no fsync. After a power cut the last moment of outcomes may
+            # be missing from the journal; the files themselves are safe (fsynced before they got
+            # their names). With FULL, two fsyncs per batch slowed storescp beside us by a fifth.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self.db.close()  # a damaged file: the caller says so
+            raise
         if dir_fd is not None:
             self._check_opened(path, dir_fd, st)
 
@@ -156,6 +172,36 @@ class Journal:
     def close(self) -> None:
         self.db.close()
 
+    def lost(self) -> str:
+        """"was deleted" or "was replaced" if the journal's name no longer leads to the file
+        this journal writes to (SQLite writes on into an unlinked file without a word); else ""."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "was deleted"
+        except OSError:
+            return ""  # cannot tell: the next write says what is wrong
+        return "" if (st.st_dev, st.st_ino) == self.identity else "was replaced"
+
+    def empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM outcomes LIMIT 1").fetchone() is None
+
+    def rebuild_under_way(self) -> int | None:
+        """The id of a rebuild from the tree that a stop cut short, if any."""
+        row = self.db.execute("SELECT id FROM rebuilds WHERE finished IS NULL ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def begin_rebuild(self) -> int:
+        with self._transaction() as db:
+            return db.execute("INSERT INTO rebuilds (started) VALUES (?)", (now(),)).lastrowid
+
+    def finish_rebuild(self, rebuild: int, files: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE rebuilds SET finished = ?, files = files + ? WHERE id = ?", (now(), files, rebuild))
+
+    def has_dest(self, dest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM outcomes WHERE dest = ? LIMIT 1", (_text(dest),)).fetchone() is not None
+
     def begin(self, entries: Iterable[Entry]) -> None:
         """Write entries as under way (done = 0), before the files move."""
         self._insert(entries, done=0)
@@ -176,8 +222,9 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(first + number, stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid, e.series_uid,
-                  e.sha256, e.out_sha256, _text(e.dest), _text(e.reason)) for number, e in enumerate(entries)],
+                [(first + number, e.time or stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid,
+                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason))
+                 for number, e in enumerate(entries)],
             )
             for number, entry in enumerate(entries):
                 entry.id = first + number
@@ -230,16 +277,22 @@ class Journal:
     def pending(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM outcomes WHERE done = 0 ORDER BY id").fetchall()
 
-    def find(self, term: str, limit: int = 200) -> list[sqlite3.Row]:
+    def find(self, term: str, limit: int = 200, tree: Path | None = None) -> list[sqlite3.Row]:
         """Rows about a file: by its dump name or path, SOPInstanceUID, sha256 or sorted path.
-        With the anonymisation key, also by its original name or SOPInstanceUID."""
+        With the anonymisation key, also by its original name or SOPInstanceUID. A path in
+        the sorted tree (below `tree`) is looked up by its place alone: its base name (0001.dcm)
+        is also the dump name of unrelated files (a CD's export)."""
         term = printable(term)
         name = os.path.basename(term.rstrip("/"))
-        values = {"name": name, "term": term, "lower": term.lower(), "absolute": os.path.abspath(term),
+        absolute = os.path.abspath(term)
+        values = {"name": name, "term": term, "lower": term.lower(), "absolute": absolute,
                   "limit": limit, "token": name, "uid": term}
         if self.key is not None:
             values["token"] = name_token(self.key, name)
             values["uid"] = new_uid(self.key, term)
+        root = os.path.abspath(tree) if tree is not None else None
+        if root is not None and absolute.startswith(root.rstrip("/") + "/"):
+            values["name"] = values["token"] = None  # name = NULL matches no row
         return self.db.execute(FIND_SQL, values).fetchall()
 
     def _transaction(self):

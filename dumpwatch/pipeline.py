@@ -23,7 +23,7 @@ from pathlib import Path
 from pydicom import dcmwrite
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from dumpwatch import failpoints, keys
+from dumpwatch import failpoints, keys, rebuild
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import DicomFile, NotRegular, meta_end, read_dicom
@@ -91,6 +91,12 @@ def os_reason(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"disk full ({text})"
     return text
+
+
+def disk_full(reason: str) -> bool:
+    """True if a file was left for want of space (os_reason's words for ENOSPC, anywhere in
+    the reason): serve then pauses rather than try each file again."""
+    return "disk full (" in reason
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,7 @@ def _writeback_seconds() -> float:
 WRITEBACK_SECONDS = _writeback_seconds()
 
 _staging_fds: dict[tuple[str, tuple[int, int] | None], int] = {}
+_STAGING_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the staging folder's
 _counter = itertools.count()
 
 
@@ -211,6 +218,10 @@ def prepare(path: str, job: Job) -> Prepared | Failed:
         dicom.close()
 
 
+STILL_ARRIVING = "incomplete, may still be arriving"  # a reason to leave a file that is no problem yet
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR
+
+
 def _incomplete(path: str, reason: str, job: Job) -> Failed:
     """A short file may still be arriving; quarantine it once it has been still for long enough."""
     try:
@@ -220,12 +231,17 @@ def _incomplete(path: str, reason: str, job: Job) -> Failed:
     except OSError as exc:
         return Failed(path, "left", os_reason(exc))
     if age < job.incomplete_timeout:
-        return Failed(path, "left", f"incomplete, may still be arriving: {reason}")
+        return Failed(path, "left", f"{STILL_ARRIVING}: {reason}")
     return Failed(path, "quarantine", f"truncated: {reason}")
 
 
 def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     ds = dicom.ds
+    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")).strip(" \0") == MEDIA_DIRECTORY:
+        # Copied from a CD or DVD with the images: it lacks a SOPInstanceUID, and saying only that
+        # would send an operator looking for a damaged image.
+        raise Rejected(f"a DICOMDIR (MediaStorageSOPClassUID {MEDIA_DIRECTORY}): the directory index of a DICOM "
+                       "medium, not an image")
     sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")
     if not sop_uid:
         raise Rejected("no SOPInstanceUID (0008,0018)")
@@ -334,7 +350,13 @@ def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job)
         else:
             copy_range(dicom.fd, out, start, dicom.size - start)
 
-    retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
+    try:
+        retry_transient(write_new, fd, name, fill, job.file_mode, job.gid)
+    except OSError as exc:
+        if exc.errno not in _STAGING_ERRORS:
+            raise
+        # Say where: a full disk here is the tree's, which the dump's own may not be.
+        raise OSError(exc.errno, f"{exc.strerror or exc} in the staging folder {job.staging}") from None
     prepared.staged = name
     if header is not None:
         _digest_of(dicom, header, prepared)
@@ -471,8 +493,10 @@ class Sorter:
                 failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
                 self._unstage(item)
                 continue
-            except OSError as exc:
-                failed.append(Failed(item.source, "left", os_reason(exc), item.sha256, item.sop_uid))
+            except OSError as exc:  # its series folder could not be read
+                planned = os.path.join(self.cfg.dir_out, *item.name.folders, item.name.stem)
+                reason = _reason(exc, planned, str(self.cfg.dir_out))
+                failed.append(Failed(item.source, "left", reason, item.sha256, item.sop_uid))
                 self._unstage(item)
                 continue
             dest = str(self.tree.path(decision.rel))
@@ -503,7 +527,8 @@ class Sorter:
                     raise _NotPlaced(*changed)
                 created = self._apply(plan)
             except (OSError, Rejected, _NotPlaced) as exc:
-                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else ("left", _reason(exc, plan.entry.dest))
+                outcome, reason = exc.args if isinstance(exc, _NotPlaced) else (
+                    "left", _reason(exc, plan.entry.dest, str(self.cfg.dir_out), None if item.staged else item.source))
                 log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
@@ -693,12 +718,12 @@ class Sorter:
         except FileNotFoundError:
             return Outcome(item.source, "gone", "vanished before it could be quarantined")
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         try:
             make_folder(qdir, self.cfg.dir_mode & 0o2770, self.cfg.group)  # originals: never world-readable
             qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         try:
             if item.sha256 is None and stat.S_ISREG(st.st_mode):
                 item.sha256 = _sha256(item.source)
@@ -730,7 +755,7 @@ class Sorter:
                 failpoints.hit("quarantined")
             except OSError as exc:
                 _remove_at(qfd, name + ".reason.txt")
-                entry.reason = f"cannot quarantine it ({item.reason}): {os_reason(exc)}"
+                entry.reason = _unquarantined(item, exc, qdir)
                 if entry.id is not None:
                     self.journal.finish([], [entry])
                 else:
@@ -742,7 +767,7 @@ class Sorter:
                 os.close(reason_fd)
             self.journal.finish([entry])
         except OSError as exc:
-            return self._left(item, f"cannot quarantine it ({item.reason}): {os_reason(exc)}")
+            return self._left(item, _unquarantined(item, exc, qdir))
         finally:
             os.close(qfd)
         log.warning("quarantined %s: %s", self.job.shown(item.source), item.reason)
@@ -803,7 +828,32 @@ class Sorter:
                     log.warning("settled %d interrupted steps: %d completed, %d undone", len(done) + len(forget),
                                 len(done), len(forget))
             self._clean_staging()
+            self._check_journal()
         return settled
+
+    def _check_journal(self) -> None:
+        """A journal without a row beside a tree that holds files was deleted (SQLite makes a
+        new one without a word), or the tree was filled without dumpwatch: say so, loudly, and
+        rebuild what the tree tells (dumpwatch.rebuild)."""
+        assert self.journal is not None
+        rebuilding = self.journal.rebuild_under_way()
+        root, extension, reserved = str(self.cfg.dir_out), self.cfg.extension, self.job.reserved
+        if rebuilding is None:
+            if not self.journal.empty() or next(rebuild.tree_files(root, extension, reserved), None) is None:
+                return
+            log.error("the journal %s is new, but the sorted tree %s holds files: the journal was deleted (its "
+                      "history is lost) or the tree was filled without dumpwatch; rebuilding a row per file from "
+                      "the tree", self.journal.path, root)
+            rebuilding = self.journal.begin_rebuild()
+        else:
+            log.error("going on with rebuilding the journal %s from the tree %s (a start was stopped half-way)",
+                      self.journal.path, root)
+        started = time.monotonic()
+        changed = self.job.anonymiser is not None or bool(self.job.anon_fields)
+        count = rebuild.rebuild(self.journal, root, extension, reserved, changed)
+        self.journal.finish_rebuild(rebuilding, count)
+        log.error("rebuilt %d journal rows from the tree %s in %.0f s (marked '%s'): the history before is lost",
+                  count, root, time.monotonic() - started, rebuild.REBUILT)
 
     def tidy(self) -> None:
         """Remove staged copies whose writer has died: a killed run's workers may still have
@@ -858,24 +908,73 @@ class _NotPlaced(Exception):
     """(outcome, reason) for a file that must not be placed now."""
 
 
-def _reason(exc: BaseException, dest: str | None = None) -> str:
-    text = f"cannot place it: {os_reason(exc) if isinstance(exc, OSError) else exc}"
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM) and dest:
-        folder = _blocking_folder(dest)
-        if folder:  # say where: the tree's folders are opened one by one, so the error cannot
-            text += f" (user {_user()} may not write in {folder})"
-    return text
+def _reason(exc: BaseException, dest: str | None = None, root: str | None = None, source: str | None = None) -> str:
+    """Why a file could not be placed at dest (in the tree at root), moved from source."""
+    text = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+    return f"cannot place it: {text}{_denied(exc, dest, root, source)}"
 
 
-def _blocking_folder(dest: str) -> str | None:
-    """The nearest existing folder on the way to dest that this process may not write in."""
+def _unquarantined(item: Failed, exc: OSError, qdir: Path) -> str:
+    where = _denied(exc, str(qdir / "x"), None, item.source)
+    return f"cannot quarantine it ({item.reason}): {os_reason(exc)}{where}"
+
+
+def _denied(exc: BaseException, dest: str | None, root: str | None = None, source: str | None = None) -> str:
+    """Where a refusal came from, as " (user U may not write in F)"; "" if not one, or not found.
+
+    The error cannot say: the tree's folders are opened one by one, by fd, so it names one
+    component at most; and a move is refused by the folder it takes the file out of (the
+    dump) as often as by the one it puts it in.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    problem = (_blocking_folder(dest, root) if dest else None) or (_source_problem(source) if source else None)
+    return f" (user {_user()} {problem})" if problem else ""
+
+
+def _blocking_folder(dest: str, root: str | None) -> str | None:
+    """What this process may not do on the way to dest: read a folder (each one from root
+    down is opened), or write in the nearest existing one."""
     folder = os.path.dirname(dest)
-    while folder and not os.path.lexists(folder):
+    while folder and not os.path.lexists(folder):  # also where a folder above may not be searched
         parent = os.path.dirname(folder)
         if parent == folder:
             return None
         folder = parent
-    return folder if folder and not os.access(folder, os.W_OK | os.X_OK) else None
+    if not folder:
+        return None
+    chain = [folder]
+    if root and _inside(folder, root):
+        while chain[-1] != root:
+            chain.append(os.path.dirname(chain[-1]))
+    for above in reversed(chain):
+        if not _may(above, os.R_OK | os.X_OK):
+            return f"may not read {above}"
+    return None if _may(folder, os.W_OK | os.X_OK) else f"may not write in {folder}"
+
+
+def _source_problem(source: str) -> str | None:
+    """Why a file may not be taken out of its folder: the folder is not ours to write in, or
+    is sticky (a shared dump) and the file is another user's."""
+    folder = os.path.dirname(source)
+    if not _may(folder, os.W_OK | os.X_OK):
+        return f"may not write in {folder}"
+    try:
+        st, file_st = os.stat(folder), os.lstat(source)
+    except OSError:
+        return None
+    if st.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, file_st.st_uid):
+        return f"may not move another user's file out of {folder}, a folder with the sticky bit"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _may(path: str, mode: int) -> bool:
+    """os.access as this process is (its effective ids, where the system can tell)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _user() -> str:

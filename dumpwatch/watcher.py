@@ -34,7 +34,7 @@ from watchdog.observers.polling import PollingObserver
 
 from dumpwatch.config import Config
 from dumpwatch.journal import now
-from dumpwatch.pipeline import Outcome, Sorter, os_reason
+from dumpwatch.pipeline import Outcome, Sorter, disk_full, os_reason
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ CHUNK = 32  # files in a chunk at most
 NICE = 19  # serve yields the CPU to storescp, which a scanner is waiting on
 LOCK_PATIENCE = 2.0  # seconds a start waits for a lock held only for a moment
 PAUSE_FIRST, PAUSE_MAX = 10.0, 60.0  # seconds sorting pauses when the journal cannot be written
+LOCK_MAX = 1 << 16  # bytes of the lock file read back: its holder, and why files wait
+LEFT_SHOWN, LEFT_REASON_MAX = 3, 300  # reasons for files left in the dump that the lock holds, and their length
 
 
 class AlreadyServing(Exception):
@@ -65,6 +67,9 @@ class LockInfo:
     host: str
     since: str  # UTC, ISO 8601
     paused: str = ""  # why sorting is paused (a full disk), for `dumpwatch status`
+    # Why files are left in the dump, most files first: [{"reason", "files", "tries"}], tries
+    # being the most times one of them was left for that reason in a row.
+    left: list = field(default_factory=list)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, since {self.since}"
@@ -87,7 +92,7 @@ def read_lock(dump: Path) -> LockInfo | None:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            return _lock_info(os.pread(fd, 4096, 0))  # held: a serve is running
+            return _lock_info(os.pread(fd, LOCK_MAX, 0))  # held: a serve is running
         fcntl.lockf(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -97,8 +102,11 @@ def read_lock(dump: Path) -> LockInfo | None:
 def _lock_info(data: bytes) -> LockInfo:
     try:
         fields = json.loads(data or b"{}")
-        return LockInfo(int(fields["pid"]), str(fields["host"]), str(fields["since"]), str(fields.get("paused", "")))
-    except (ValueError, KeyError, TypeError):
+        left = [{"reason": str(item["reason"]), "files": int(item["files"]), "tries": int(item["tries"])}
+                for item in fields.get("left", [])]
+        return LockInfo(int(fields["pid"]), str(fields["host"]), str(fields["since"]), str(fields.get("paused", "")),
+                        left)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return LockInfo(0, "?", "?")
 
 
@@ -134,7 +142,7 @@ class DumpLock:
                     os.close(self.fd)
                     raise
             if time.monotonic() >= deadline:
-                holder = _lock_info(os.pread(self.fd, 4096, 0))
+                holder = _lock_info(os.pread(self.fd, LOCK_MAX, 0))
                 os.close(self.fd)
                 raise AlreadyServing(f"another dumpwatch serve is watching {dump} ({holder.describe()})")
             time.sleep(0.05)
@@ -144,6 +152,15 @@ class DumpLock:
     def note_paused(self, reason: str) -> None:
         """Tell `dumpwatch status` why sorting is paused ("" once it goes on)."""
         self.info.paused = reason
+        self._note()
+
+    def note_left(self, left: list[dict]) -> None:
+        """Tell `dumpwatch status` why files wait in the dump (LockInfo.left)."""
+        if left != self.info.left:
+            self.info.left = left
+            self._note()
+
+    def _note(self) -> None:
         try:
             self._write()
         except OSError:
@@ -228,6 +245,10 @@ class Server:
             except (sqlite3.Error, OSError) as exc:
                 self._pause(exc)  # a full disk: wait for space rather than fail at every start
             self.workers = Workers(self.sorter.job, cfg.worker_count, always_pool=True, state=cfg.state_dir)
+            # The tree's folders are opened by fd from its root: moved away, the tree would go on
+            # filling where it went; removed, every file would fail. So it is watched as the dump is.
+            self.out = Path(os.path.abspath(cfg.dir_out))
+            self.out_id = _identity(self.out)
         except BaseException:
             self.lock.close()
             raise
@@ -236,6 +257,7 @@ class Server:
         self.busy: set[str] = set()  # paths pending or at a worker: never handled twice at once
         self.retries: list[tuple[float, str]] = []  # (due, path) heap of files left to try again
         self.retry_wait: dict[str, float] = {}
+        self.left: dict[str, tuple[str, int]] = {}  # path -> (why it was left, times in a row), for status
         # path -> (when it was last seen to change, (inode, size, mtime) then): files that are
         # finished once they have stood still for stable_seconds and no process has them open.
         self.changed: dict[str, tuple[float, tuple | None]] = {}
@@ -302,6 +324,11 @@ class Server:
             raise ServeFailed(f"the watcher of {self.dump} stopped")
         if _identity(self.dump) != self.dump_id:  # inotify watches the folder, not its name
             raise ServeFailed(f"the dump {self.dump} was removed or replaced; starting again makes it anew")
+        self._check_tree()
+        lost = self.sorter.journal.lost() if self.sorter.journal else ""
+        if lost:
+            raise ServeFailed(f"the journal {self.sorter.journal.path} {lost} while serve ran (its history is gone "
+                              "with it); starting again makes a new one and rebuilds what it can from the tree")
 
     def _worker_died(self) -> None:
         """A worker process died (the out-of-memory killer, a crash in a C library), and every
@@ -318,6 +345,15 @@ class Server:
             raise ServeFailed("worker processes die as they start") from None
         if results:
             self._handle(results)
+
+    def call_soon(self, function) -> None:
+        """Run function() on the loop's thread, between batches (safe from a signal handler)."""
+        self.todo.put(("call", function))
+
+    def _check_tree(self) -> None:
+        if _identity(self.out) != self.out_id:
+            raise ServeFailed(f"the sorted tree {self.out} was moved, removed or replaced; starting again makes "
+                              "it anew (the files wait in the dump)")
 
     def close(self) -> None:
         self.workers.close()
@@ -356,6 +392,8 @@ class Server:
             elif kind == "sweep":
                 log.warning("sweeping the dump: %s", value)
                 self._sweep()
+            elif kind == "call":
+                value()
             try:
                 item = self.todo.get_nowait()
             except queue.Empty:
@@ -416,6 +454,9 @@ class Server:
         """
         self.sorter.tidy()  # staged copies of workers that died, after a kill
         self.backlog = False
+        if self.left:  # files taken from the dump by someone else are no longer waiting
+            self.left = {path: why for path, why in self.left.items() if os.path.lexists(path)}
+            self._note_left()
         waiting = {path for _, path in self.retries}
         moment, clock = time.monotonic(), time.time()
         polling = self.cfg.observer == "polling"
@@ -501,12 +542,18 @@ class Server:
             self._set_aside(results)
             return
         try:
+            self._check_tree()  # at once before placing: not one file into a tree moved away
+        except ServeFailed:
+            self._set_aside(results)
+            raise
+        try:
             outcomes: list[Outcome] = self.sorter.handle(results)
         except (sqlite3.Error, OSError) as exc:
             self._set_aside(results)
             self._pause(exc)
             return
         moment = time.monotonic()
+        full, noted = "", False
         for outcome in outcomes:
             self.busy.discard(outcome.source)
             self.stats.handled += 1
@@ -514,17 +561,45 @@ class Server:
                 wait = min(self.retry_wait.get(outcome.source, RETRY_FIRST / 2) * 2, RETRY_MAX)
                 self.retry_wait[outcome.source] = wait
                 heapq.heappush(self.retries, (moment + wait, outcome.source))
+                reason, tries = self.left.get(outcome.source, ("", 0))
+                self.left[outcome.source] = (outcome.detail, tries + 1 if reason == outcome.detail else 1)
+                noted = True
+                if disk_full(outcome.detail):
+                    full = outcome.detail
             else:
                 self.retry_wait.pop(outcome.source, None)
+                noted |= self.left.pop(outcome.source, None) is not None
+        if noted:
+            self._note_left()
+        if full:
+            # The tree's disk is full (the staging folder, most often, when the dump is on
+            # another disk): no file can be placed until there is room. That is a pause, as
+            # when the journal cannot be written, and `status` must say so.
+            self._pause(full)
 
+    def _note_left(self) -> None:
+        """Why files wait in the dump, for `dumpwatch status`: a few reasons, most files first."""
+        by_reason: dict[str, list[int]] = {}
+        for reason, tries in self.left.values():
+            files_tries = by_reason.setdefault(reason, [0, 0])
+            files_tries[0] += 1
+            files_tries[1] = max(files_tries[1], tries)
+        ranked = sorted(by_reason.items(), key=lambda item: (-item[1][0], item[0]))[:LEFT_SHOWN]
+        self.lock.note_left([{"reason": reason[:LEFT_REASON_MAX], "files": files, "tries": tries}
+                             for reason, (files, tries) in ranked])
 
     # -- pausing ------------------------------------------------------------------------
 
-    def _pause(self, exc: BaseException) -> None:
+    def _pause(self, exc: BaseException | str) -> None:
         """The journal (or the tree) cannot be written, most often because the disk is full.
         Exiting would only restart into the same wall, until the supervisor gives up: wait
         instead, and try again. The files wait in the dump; nothing is lost."""
-        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        if isinstance(exc, OSError):
+            reason = os_reason(exc)
+        elif isinstance(exc, sqlite3.Error):
+            reason = f"the journal {self.cfg.journal_path} cannot be written: {exc}"
+        else:
+            reason = str(exc)
         log.error("sorting paused for %.0f s: %s; the files wait in the dump", self.pause, reason)
         self.lock.note_paused(reason)
         self.paused_until = time.monotonic() + self.pause

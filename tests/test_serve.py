@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -282,6 +283,58 @@ def test_status_reports_what_an_operator_needs(site, template_file, testdata, tm
         scp.stop()
 
 
+def _status(cfg: Path) -> tuple[int, dict]:
+    result = run_process("--config", str(cfg), "status", "--json")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_status_asks_the_port_for_a_dicom_service(site):
+    """Something other than storescp holds the port (storescp then dies with FATAL, and every
+    storescu fails): listening is not enough, a C-ECHO must be answered."""
+    import socket
+
+    port = read_config(site).port
+    serve = Serve(site)
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        code, report = _status(site)
+        assert code == 1 and not report["healthy"], report
+        assert report["storescp"]["listening"] and not report["storescp"]["answers"], report
+        [problem] = report["problems"]
+        assert problem.startswith(f"port {port} is open, but no DICOM service answers a C-ECHO there as AE title "
+                                  "DUMPWATCH (echoscu: "), problem
+        squatter.close()
+        scp = Storescp(site)
+        try:
+            code, report = _status(site)
+            assert code == 0 and report["storescp"]["answers"], report
+        finally:
+            scp.stop()
+    finally:
+        squatter.close()
+        assert serve.stop() == 0
+
+
+def test_status_is_unhealthy_when_the_journal_cannot_be_read(site, tmp_path):
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        assert _status(site)[0] == 0
+        damaged = tmp_path / "damaged.sqlite3"
+        damaged.write_bytes(b"not a database " * 100)
+        other = site.parent / "other.cfg"  # the same site, its journal read from elsewhere
+        other.write_text(site.read_text() + f"journal = {damaged}\n")
+        code, report = _status(other)
+        assert code == 1, report
+        assert report["problems"] == [f"the journal {damaged} cannot be read: file is not a database"], report
+    finally:
+        assert serve.stop() == 0
+        scp.stop()
+
+
 def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
     """The repository's supervisord configuration, as `make run` uses it."""
     var = tmp_path / "var"
@@ -371,6 +424,81 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(site, template_file):
         assert "MR.2" in log.read_text()
     finally:
         assert serve.stop() == 0
+
+
+def test_sighup_reopens_the_log_file_and_serve_lives_on(site, template_file):
+    """Daemons take SIGHUP to reopen their log (logrotate's postrotate `kill -HUP`); it killed
+    serve at once. A closed terminal sends it to the whole process group: the workers too."""
+    cfg = write_config(site.parent, fname_log="serve-file.log")
+    serve = Serve(cfg, session=True)
+    try:
+        log = site.parent / "serve-file.log"
+        wait_for(lambda: log.exists() and "watching" in log.read_text(), 20, "the log file")
+        os.rename(log, site.parent / "serve-file.log.1")  # logrotate, then its postrotate
+        os.killpg(serve.process.pid, signal.SIGHUP)
+        wait_for(lambda: log.exists() and "SIGHUP: reopened the log file" in log.read_text()
+                 or serve.process.poll() is not None, 20, "the log reopened")
+        assert serve.process.poll() is None, serve.output()
+        make_dicom(site.parent / "dump" / "MR.1", template_file)  # closed in the dump: an event
+        wait_for(lambda: settled(cfg, 1), 20, "the next file sorted")
+        assert "sorted " in log.read_text()
+    finally:
+        assert serve.stop() == 0, serve.output()
+
+
+def test_a_journal_deleted_under_serve_is_said_loudly_and_rebuilt_from_the_tree(site, template_file):
+    """`rm journal.sqlite3*` while serve ran: serve wrote on into the unlinked file, and the
+    next start made a new journal without a word: the history gone, the tree unjournalled.
+    serve now exits for the supervisor; the restart says the journal is new while the tree
+    holds files, and rebuilds a row per file from the tree."""
+    serve = Serve(site)
+    dump = site.parent / "dump"
+    for number in (1, 2):
+        make_dicom(dump / f"MR.{number}", template_file, InstanceNumber=number)
+    state = site.parent / "sorted" / ".dumpwatch"
+    try:
+        wait_for(lambda: settled(site, 2), 30, "the files sorted")
+        uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in sorted((site.parent / "sorted").rglob("*.dcm"))]
+        for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+            (state / name).unlink(missing_ok=True)
+        wait_for(lambda: serve.process.poll() is not None, 30, "serve to exit")
+    finally:
+        serve.stop()
+    assert serve.process.returncode == 1, serve.output()
+    assert f"the journal {state / 'journal.sqlite3'} was deleted while serve ran" in serve.output()
+    again = Serve(site)  # as the supervisor restarts it
+    try:
+        wait_for(lambda: "rebuilt 2 journal rows from the tree" in again.output(), 30, "the rebuild")
+        assert (f"the journal {state / 'journal.sqlite3'} is new, but the sorted tree {site.parent / 'sorted'} "
+                "holds files") in again.output()
+        placed = site.parent / "sorted" / "20210715-phantom" / "002-gre_field_magph" / "0001.dcm"
+        where = run_process("--config", str(site), "where", uids[0])
+        assert where.returncode == 0, where.stdout + where.stderr
+        assert f"sorted   -> {placed}  (rebuilt from the tree: the journal had no record of it)" in where.stdout
+        rows = journal(site, f"SELECT sha256, series_uid FROM outcomes WHERE dest = '{placed}'")
+        assert rows == [(hashlib.sha256(placed.read_bytes()).hexdigest(),
+                         str(dcmread(placed, stop_before_pixels=True).SeriesInstanceUID))]
+        report = json.loads(run_process("--config", str(site), "status", "--json").stdout)
+        assert [p for p in report["problems"] if "journal" in p] == [
+            f"the journal was found new while the tree held files, at {report['journal']['rebuilt']['started']}: "
+            "its history before then is lost; 2 files were rebuilt from the tree"], report
+        make_dicom(dump / "MR.3", template_file, InstanceNumber=3)
+        wait_for(lambda: settled(site, 3), 30, "a new file sorted")
+        assert journal(site, "SELECT count(*) FROM outcomes WHERE outcome = 'sorted'") == [(3,)]
+    finally:
+        assert again.stop() == 0, again.output()
+
+
+def test_serve_names_a_damaged_journal(site):
+    path = site.parent / "sorted" / ".dumpwatch" / "journal.sqlite3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a database " * 100)
+    serve = Serve(site, wait=False)
+    assert serve.process.wait(timeout=30) == 1
+    serve.log.close()
+    assert (f"Error: cannot start: the journal {path} cannot be used: file is not a database (move it aside to "
+            "keep it: serve then starts a new one, and rebuilds what it can from the tree)") in serve.output()
 
 
 def test_serve_exits_for_the_supervisor_when_the_dump_is_removed(site):
@@ -570,6 +698,51 @@ def test_a_full_disk_pauses_sorting_and_nothing_is_lost(tmp_path, testdata):
             assert journal_at(small / "sorted", "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
         finally:
             assert serve.stop() == 0, serve.output()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_full_staging_disk_pauses_sorting_and_says_so(tmp_path, testdata):
+    """The dump is on another disk than the tree, so each file is first copied into the
+    staging folder on the tree's disk. That disk fills up (the journal is elsewhere, and can
+    be written): sorting pauses, as for a journal that cannot be written, and the lock
+    tells `status` why; nothing is quarantined or lost."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = write_config(tmp_path / "site", dir_out=small / "sorted", journal=tmp_path / "journal.sqlite3")
+        scp = Storescp(cfg)
+        serve = Serve(cfg)
+        try:
+            assert _status(cfg)[0] == 0
+            filler = small / "filler"
+            with open(filler, "wb", buffering=0) as fill:
+                try:
+                    while True:
+                        fill.write(b"\0" * 65536)
+                except OSError:
+                    pass
+            inputs = copy_testdata(testdata, tmp_path / "incoming", FIELDMAP)
+            dump = tmp_path / "site" / "dump"
+            for number, path in enumerate(inputs):
+                shutil_copy(path, dump / f"MR.{number:04d}")  # closed in the dump: events
+            staging = small / "sorted" / ".dumpwatch" / "tmp"
+            reason = f"disk full (No space left on device in the staging folder {staging})"
+            wait_for(lambda: f"sorting paused for 10 s: {reason}" in serve.output()
+                     or serve.process.poll() is not None, 60, "the pause")
+            code, report = _status(cfg)
+            assert code == 1 and report["problems"] == [f"sorting is paused: {reason}"], report
+            assert report["watcher"]["paused"] == reason
+            assert not (tmp_path / "site" / "quarantine").exists()
+            filler.unlink()  # space again
+            wait_for(lambda: len(tree_of(small / "sorted")) == len(inputs) and not dump_files(cfg), 120,
+                     "everything sorted once there was space")
+            assert _status(cfg)[0] == 0
+        finally:
+            assert serve.stop() == 0, serve.output()
+            scp.stop()
     finally:
         subprocess.run(["umount", str(small)], check=True)
 

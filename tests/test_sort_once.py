@@ -377,6 +377,84 @@ def test_where_answers_what_happened_to_a_file(dump, out, tmp_path):
     assert run("where", "MR.nothing", "--out", str(out)).exit_code == 1
 
 
+def test_a_deleted_journal_is_rebuilt_from_the_tree_and_a_cut_short_rebuild_goes_on(tmp_path, template_file):
+    """The journal deleted between runs: the next run (sort-once here, serve alike) says so
+    and rebuilds a row per file of the tree. Stopped half-way, the rebuild goes on at the
+    next start: each file ends with one row."""
+    from dumpwatch.journal import Entry, Journal
+
+    source = tmp_path / "dump"
+    for number in (1, 2, 3):
+        make_dicom(source / f"MR.{number}", template_file, InstanceNumber=number)
+    out = tmp_path / "out"
+    assert run("sort-once", str(source), "--out", str(out)).exit_code == 0
+    path = out / ".dumpwatch" / "journal.sqlite3"
+    for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+        (out / ".dumpwatch" / name).unlink(missing_ok=True)
+    first = out / "20210715-phantom" / "002-gre_field_magph" / "0001.dcm"
+    journal = Journal(path)  # a start that began to rebuild, and was stopped after one file
+    journal.begin_rebuild()
+    journal.record([Entry("sorted", dest=str(first), reason="rebuilt from the tree: the journal had no record of it")])
+    journal.close()
+    (tmp_path / "empty").mkdir()
+    result = run_process("sort-once", str(tmp_path / "empty"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"going on with rebuilding the journal {path} from the tree {out}" in result.stderr
+    assert "rebuilt 2 journal rows from the tree" in result.stderr
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT dest, outcome, reason FROM outcomes ORDER BY dest").fetchall()
+        assert [row[0] for row in rows] == [str(p) for p in sorted(out.rglob("*.dcm"))]
+        assert {row[1:] for row in rows} == {("sorted", "rebuilt from the tree: the journal had no record of it")}
+        assert db.execute("SELECT files, finished IS NOT NULL FROM rebuilds").fetchall() == [(2, 1)]
+    finally:
+        db.close()
+    second = first.with_name("0002.dcm")
+    where = run("where", str(dcmread(second, stop_before_pixels=True).SOPInstanceUID), "--out", str(out))
+    assert where.exit_code == 0 and str(second) in where.output
+
+
+def test_where_on_a_damaged_journal_says_so_in_one_line(tmp_path):
+    path = tmp_path / "out" / ".dumpwatch" / "journal.sqlite3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a database " * 100)
+    result = run_process("where", "MR.1", "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr == f"Error: the journal {path} cannot be read: file is not a database\n"
+
+
+def test_where_a_path_in_the_tree_finds_that_file_only(tmp_path, template_file):
+    """A tree path's base name (0001.dcm) is also the dump name of unrelated files sorted from
+    a CD export: a path in the tree is looked up by its place alone."""
+    source = tmp_path / "dump"
+    make_dicom(source / "cd" / "0001.dcm", template_file, InstanceNumber=5)  # sorted as 0005.dcm
+    make_dicom(source / "MR.x", template_file, InstanceNumber=1)  # sorted as 0001.dcm
+    out = tmp_path / "out"
+    assert run("sort-once", str(source), "--out", str(out)).exit_code == 0
+    series = out / "20210715-phantom" / "002-gre_field_magph"
+    result = run("where", str(series / "0001.dcm"), "--out", str(out))
+    assert result.exit_code == 0
+    assert [line.split("  ")[1:3] for line in result.output.splitlines()] == [
+        ["sorted", f"{source / 'MR.x'} -> {series / '0001.dcm'}"]], result.output
+    by_name = run("where", "0001.dcm", "--out", str(out))  # a bare name is a dump name
+    assert f"{source / 'cd' / '0001.dcm'} -> {series / '0005.dcm'}" in by_name.output
+
+
+def test_a_dicomdir_is_quarantined_as_a_dicomdir(tmp_path, template_file):
+    """A CD's DICOMDIR has no SOPInstanceUID: say what it is, not what it lacks."""
+    from pydicom.fileset import FileSet
+
+    medium = FileSet()
+    medium.add(dcmread(template_file))
+    medium.write(tmp_path / "cd")
+    result = run("sort-once", str(tmp_path / "cd"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    reason = (tmp_path / "quarantine" / "DICOMDIR.reason.txt").read_text().splitlines()[0]
+    assert reason == ("a DICOMDIR (MediaStorageSOPClassUID 1.2.840.10008.1.3.10): the directory index of a DICOM "
+                      "medium, not an image")
+    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0001.dcm"]
+
+
 def test_file_names_that_are_not_utf8(tmp_path, template_file):
     """storescp names files from UIDs, but an old dump may hold any bytes in a name."""
     source = tmp_path / "dump"

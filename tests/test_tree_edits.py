@@ -277,7 +277,7 @@ def test_a_series_folder_moved_into_a_sibling_s_name_is_still_its_own(tmp_path, 
     cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q")
     rng = random.Random(3)
     x = series_files(tmp_path / "x", template_file, rng, count=3)
-    y = series_files(tmp_path / "y", template_file, rng, count=3)
+    series_files(tmp_path / "y", template_file, rng, count=3)
     x_uids = uids_of(x)
     copy = tmp_path / "x-again"
     shutil.copytree(tmp_path / "x", copy)
