@@ -308,7 +308,8 @@ def data_set_identity(buffer, size: int) -> tuple[str, int]:
 
 def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
     """data_set_identity() of a file in a folder (never through a symlink); None if it is
-    not a regular file or cannot be read."""
+    not a regular file or cannot be read. Read, not mapped: a file in the tree that a hand
+    truncates meanwhile must give an error here, not a SIGBUS that ends the process."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
@@ -317,8 +318,15 @@ def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
             return None
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buffer:
-            return data_set_identity(buffer, st.st_size)
+        head = os.pread(fd, _PREFIX, 0)
+        found = meta_end(head, len(head))
+        start, syntax = found if found else (0, "")
+        digest = hashlib.sha256(syntax.encode("ascii", "replace") + b"\0")
+        offset = start
+        while chunk := os.pread(fd, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.hexdigest(), offset - start
     except OSError:
         return None
     finally:
@@ -350,15 +358,22 @@ def read_prefix(dir_fd: int, name: str, wanted: frozenset[int]) -> Header | None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
             return None
-        data = os.pread(fd, _PREFIX, 0)
-        try:
-            return _prefix_of(st, data, len(data) >= st.st_size, wanted)
-        except (Incomplete, _Unexpected):
-            if len(data) >= st.st_size:
-                return None
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as whole:
-            return _prefix_of(st, whole, True, wanted)
-    except (Rejected, _Unexpected, OSError, ValueError, struct.error):
+        # Read, not mapped (see identity_at); more of the file when the wanted elements lie
+        # further in, and pydicom's reader for what the walk does not expect.
+        for length in (_PREFIX, 1 << 20, 1 << 24):
+            data = os.pread(fd, length, 0)
+            try:
+                return _prefix_of(st, data, len(data) >= st.st_size, wanted)
+            except Incomplete:
+                if len(data) >= st.st_size:
+                    return None
+            except _Unexpected:
+                break
+        with FileAt(fd) as raw, io.BufferedReader(raw, 1 << 20) as stream:
+            ds = dcmread(stream, stop_before_pixels=True, specific_tags=sorted(wanted | _ALWAYS))
+        found = meta_end(os.pread(fd, _PREFIX, 0), min(st.st_size, _PREFIX))
+        return Header(st, ds, st.st_size - (found[0] if found else 0))
+    except Exception:  # a file in the tree that cannot be read is nobody's series, no one's twin
         return None
     finally:
         os.close(fd)
@@ -373,10 +388,8 @@ def _prefix_of(st: os.stat_result, buffer, whole: bool, wanted: frozenset[int]) 
         raise _Unexpected()
     start, syntax = found
     if syntax == _DEFLATED:
-        return None  # rare in a tree: such a file is nobody's series and no one's duplicate
-    implicit, little = syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
-    if not implicit and not _looks_explicit(buffer, start, size):
-        implicit = True
+        raise _Unexpected()  # pydicom's reader inflates it
+    implicit, little = data_set_encoding(buffer, size, start, syntax)
     walker = _Walker(buffer, size, implicit, little)
     wanted = wanted | _ALWAYS
     values, _ = walker.walk(start, wanted, stop_after=max(wanted))

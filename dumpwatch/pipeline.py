@@ -554,11 +554,12 @@ class Sorter:
                 self._unstage(item)  # its copy was not needed
                 while plan.entry.dest in renamed:  # its twin got "_01" later in this batch
                     plan.entry.dest = renamed[plan.entry.dest]
-                if decision.outcome == "duplicate" and not os.path.lexists(plan.entry.dest or ""):
-                    # Its twin in this batch was not placed after all: keep this one in the
-                    # dump, and look at the folder afresh when it is tried again.
+                if decision.outcome == "duplicate" and not self.tree.still_holds(decision, plan.entry.dest or ""):
+                    # Its twin was not placed after all (in this batch), or a hand removed or
+                    # replaced it since it was proven: keep this one in the dump, and look at
+                    # the folder afresh when it is tried again.
                     self.tree.forget(decision.folder)
-                    undone.append((plan, "left", "the identical file it matched was not placed"))
+                    undone.append((plan, "left", "the identical file it matched is not there any more"))
                     continue
             if not self.copy:
                 if item.staged or decision.outcome == "duplicate" or decision.already:

@@ -33,7 +33,8 @@ from dumpwatch.naming import Name, Template, echo_number, friendly_name, header_
 
 log = logging.getLogger(__name__)
 
-_DUP = re.compile(r"A\d*")  # DcmServer's collision suffix: "A", "A2", "A3"...
+_DUP = re.compile(r"A[0-9]*")
+_DIGITS = re.compile(r"[0-9]{1,4}")  # DcmServer's collision suffix: "A", "A2", "A3"...
 _FOREIGN = "?"  # the series of a folder whose files dumpwatch cannot read, or of several: never shared
 
 
@@ -91,6 +92,7 @@ class Decision:
     name: str
     renames: list[tuple[str, str]]  # echo-1 files to rename first, within the folder
     already: bool = False  # the source is this very file already (an interrupted move)
+    match: Known | None = None  # a duplicate's twin in the tree, as proven; a new file's own picture
 
     @property
     def rel(self) -> tuple[str, ...]:
@@ -101,9 +103,9 @@ class TreeChanged(OSError):
     """A folder changed on disk between deciding and placing: decide again."""
 
 
-# File names of sorted series kept in memory at most (about 300 bytes each: 15 MB); beyond,
-# the folders used longest ago are read again from disk when needed.
-CACHED_NAMES = 50_000
+# File names of sorted series kept in memory at most (with what their headers said, about
+# 1 KB each: 20 MB); beyond, the folders used longest ago are read again from disk when needed.
+CACHED_NAMES = 20_000
 
 
 class Tree:
@@ -200,6 +202,14 @@ class Tree:
         forget(decision.folder).
         """
         folder = self._series_folder(name.folders, series_uid)
+        try:
+            return self._decide_in(folder, name, sop_uid, identity, body_size, dev, ino)
+        except BaseException:
+            self.forget(folder)  # its picture may hold renames that will not happen
+            raise
+
+    def _decide_in(self, folder: Folder, name: Name, sop_uid: str, identity: str, body_size: int,
+                   dev: int, ino: int) -> Decision:
         echo = name.echo or 1
         multi = folder.multi or len(folder.echoes | {echo}) > 1
         renames = []
@@ -212,20 +222,21 @@ class Tree:
         folder.multi = multi
         same = self._same_instance(folder, sop_uid, identity, body_size, dev, ino)
         if same is not None:
-            file_name, how = same
+            file_name, how, known = same
             return Decision("sorted" if how == "inode" else "duplicate", folder, file_name, renames,
-                            already=how == "inode")
+                            already=how == "inode", match=known)
         stem = name.stem
         if name.echo and name.echo > 1:
             stem += f"_{name.echo:02d}"
         elif multi:
             stem += "_01"
         file_name, dup = self._free(folder, stem)
-        folder.add(file_name, Known(None, 0, 0, sop_uid, echo, body_size, identity))
+        known = Known(None, 0, 0, sop_uid, echo, body_size, identity)
+        folder.add(file_name, known)
         if echo == 1 and not multi:
             folder.plain.add(file_name)
             folder.stems[file_name] = (stem, dup)
-        return Decision("sorted", folder, file_name, renames)
+        return Decision("sorted", folder, file_name, renames, match=known)
 
     def _free(self, folder: Folder, stem: str, first: str = "") -> tuple[str, str]:
         """The first free name from stem, and its collision suffix: none, then "A", "A2"...
@@ -236,7 +247,7 @@ class Tree:
         raise OSError(f"no free name for {stem!r}")
 
     def _same_instance(self, folder: Folder, sop_uid: str, identity: str, body_size: int,
-                       dev: int, ino: int) -> tuple[str, str] | None:
+                       dev: int, ino: int) -> tuple[str, str, Known] | None:
         """(name, "inode") if a file of this instance in the folder is the source itself,
         (name, "bytes") if one holds the same data set now, else None."""
         names = folder.by_uid.get(sop_uid)
@@ -248,7 +259,7 @@ class Tree:
                 known = folder.files[name]
                 if known.ino is None:  # planned in this batch: its identity is all there is
                     if known.identity == identity:
-                        return name, "bytes"
+                        return name, "bytes", known
                     continue
                 try:
                     st = os.stat(folder.disk.get(name, name), dir_fd=fd, follow_symlinks=False) if fd >= 0 else None
@@ -258,7 +269,7 @@ class Tree:
                     self._drop(folder, name)
                     continue
                 if (st.st_dev, st.st_ino) == (dev, ino):
-                    return name, "inode"
+                    return name, "inode", known
                 if (st.st_ino, st.st_size, st.st_ctime_ns) != (known.ino, known.size, known.ctime_ns):
                     known = self._reread(folder, fd, name)  # changed since it was read
                     if known is None or known.sop_uid != sop_uid:
@@ -271,7 +282,7 @@ class Tree:
                         continue
                     known.identity = found[0]
                 if known.identity == identity:
-                    return name, "bytes"
+                    return name, "bytes", known
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -297,6 +308,12 @@ class Tree:
         return known
 
     def _known(self, header) -> Known | None:
+        try:
+            return self._known_of(header)
+        except Exception:  # a value a hand wrote that cannot be decoded: the file says nothing
+            return None
+
+    def _known_of(self, header) -> Known | None:
         sop_uid = (header_text(header.ds, "SOPInstanceUID") or "").strip(" \0")
         if not sop_uid:
             return None
@@ -317,11 +334,14 @@ class Tree:
         # sibling's name is that series' folder. Look at each that exists before taking the
         # first free one, or a series would be stored twice.
         parent, base = folders[:-1], folders[-1]
-        last = min(self._last_number(parent, base), 9_999)
+        last = self._last_number(parent, base)
         free = None
         for number in range(1, 10_000):
             rel = (*parent, base if number == 1 else f"{base}_{number}")
-            folder = self._folder(rel)
+            try:
+                folder = self._folder(rel)
+            except (TreeBlocked, PermissionError):
+                continue  # a symlink, a file or a folder it may not read: taken, and not ours
             if folder.series_uid == series_uid:
                 break
             if folder.series_uid is None and free is None:
@@ -346,7 +366,7 @@ class Tree:
                 for entry in entries:
                     if entry.name == base:
                         last = max(last, 1)
-                    elif entry.name.startswith(base + "_") and entry.name[len(base) + 1:].isdigit():
+                    elif entry.name.startswith(base + "_") and _DIGITS.fullmatch(entry.name[len(base) + 1:]):
                         last = max(last, int(entry.name[len(base) + 1:]))
         finally:
             os.close(fd)
@@ -479,12 +499,26 @@ class Tree:
                 move_noreplace(source[0], source[1], fd, decision.name, self.device)
                 self._restamp(folder, fd)
                 placed = os.stat(decision.name, dir_fd=fd, follow_symlinks=False)
-                known = folder.files.get(decision.name)
+                known = decision.match  # (a later decision of this batch may have renamed it already)
                 if known is not None:
                     known.ino, known.ctime_ns, known.size = placed.st_ino, placed.st_ctime_ns, placed.st_size
         finally:
             os.close(fd)
         return created
+
+    @staticmethod
+    def still_holds(decision: Decision, dest: str) -> bool:
+        """Does dest still hold the twin a duplicate was matched with? Checked again just
+        before the duplicate's source is removed: meanwhile a hand may have removed the twin
+        or moved another series' folder into its place (its inode would be another)."""
+        known = decision.match
+        if known is None or known.ino is None:  # a twin planned in this batch and not placed
+            return False
+        try:
+            st = os.lstat(dest)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_size) == (known.ino, known.size)
 
     @staticmethod
     def _restamp(folder: Folder, fd: int) -> None:

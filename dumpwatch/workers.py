@@ -121,7 +121,9 @@ class Workers:
                     yield results
                 continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
+            # In the order they were sent (wait() gives a set): with one worker, the files are
+            # then placed in the order they were listed, and a run is the same run each time.
+            for future in [f for f in running if f in finished]:
                 chunk = running.pop(future)
                 try:
                     results = future.result()

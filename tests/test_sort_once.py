@@ -585,7 +585,7 @@ def test_a_duplicate_of_a_file_that_could_not_be_placed_stays(tmp_path, template
         outcomes = sorter.handle(results)
     assert [(o.outcome, o.detail) for o in outcomes] == [
         ("gone", "vanished while it was being sorted"),
-        ("left", "the identical file it matched was not placed"),
+        ("left", "the identical file it matched is not there any more"),
     ]
     assert second.exists() and not (tmp_path / "out" / "20210715-phantom").exists()
     rows = [(r["outcome"], r["done"]) for r in journal_rows(tmp_path / "out")]

@@ -289,3 +289,31 @@ def test_a_series_folder_moved_into_a_sibling_s_name_is_still_its_own(tmp_path, 
     assert sort_dir(copy, cfg).counts == {"duplicate": 3}
     assert _names(subject) == ["001-gre_2"]
     assert uids_of(list((subject / "001-gre_2").iterdir())) == x_uids
+
+
+def test_odd_things_a_hand_leaves_in_the_tree_never_stop_sorting(tmp_path, template_file):
+    """A symlink and a file at series folder names, a folder named with a non-ASCII digit, a
+    file in a series folder whose UID cannot be decoded: the series still sorts."""
+    cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q")
+    make_dicom(tmp_path / "one" / "MR.1", template_file, InstanceNumber=1)
+    sort_dir(tmp_path / "one", cfg)
+    subject = tmp_path / "out" / "20210715-phantom"
+    os.symlink("/etc", subject / "002-gre_field_magph_2")
+    (subject / "002-gre_field_magph_3").write_text("notes")
+    (subject / "002-gre_field_magph_\u00b2").mkdir()
+    odd = dcmread(subject / "002-gre_field_magph" / "0001.dcm")
+    odd.SOPInstanceUID = "1.2.3"
+    odd.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    odd.save_as(subject / "002-gre_field_magph" / "0099.dcm", enforce_file_format=False)
+    data = bytearray((subject / "002-gre_field_magph" / "0099.dcm").read_bytes())
+    at = data.index(b"1.2.3\x00")
+    data[at - 4: at - 2] = b"US"  # (0008,0018) now claims to be a 6-byte US: not decodable
+    (subject / "002-gre_field_magph" / "0099.dcm").write_bytes(bytes(data))
+    for n in (2, 3):
+        make_dicom(tmp_path / "two" / f"MR.{n}", template_file, InstanceNumber=n)
+    make_dicom(tmp_path / "two" / "MR.other", template_file, InstanceNumber=1,
+               SeriesInstanceUID="1.2.826.0.1.3680043.8.498.1")
+    summary = sort_dir(tmp_path / "two", cfg)
+    assert summary.counts == {"sorted": 3}, summary.problems
+    assert _names(subject / "002-gre_field_magph")[:3] == ["0001.dcm", "0002.dcm", "0003.dcm"]
+    assert _names(subject / "002-gre_field_magph_4") == ["0001.dcm"]
