@@ -306,18 +306,29 @@ def data_set_identity(buffer, size: int) -> tuple[str, int]:
     return digest.hexdigest(), size - start
 
 
-def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
-    """data_set_identity() of a file in a folder (never through a symlink); None if it is
-    not a regular file or cannot be read. Read, not mapped: a file in the tree that a hand
-    truncates meanwhile must give an error here, not a SIGBUS that ends the process."""
+def _open_tree_file(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
+    """A regular file in a folder of the tree, opened for reading (never through a symlink,
+    never blocking on a FIFO): (fd, its stat), or None."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
+    """data_set_identity() of a file in a folder (never through a symlink); None if it is
+    not a regular file or cannot be read. Read, not mapped: a file in the tree that a hand
+    truncates meanwhile must give an error here, not a SIGBUS that ends the process."""
+    opened = _open_tree_file(dir_fd, name)
+    if opened is None:
+        return None
+    fd, st = opened
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
-            return None
         head = os.pread(fd, _PREFIX, 0)
         found = meta_end(head, len(head))
         start, syntax = found if found else (0, "")
@@ -342,7 +353,7 @@ class Header:
     body_size: int  # bytes after the file meta group
 
 
-_PREFIX = 16 * 1024  # most headers' early elements fit; else the file is mapped whole
+_PREFIX = 16 * 1024  # most headers' early elements fit; else more is read
 
 
 def read_prefix(dir_fd: int, name: str, wanted: frozenset[int]) -> Header | None:
@@ -350,14 +361,11 @@ def read_prefix(dir_fd: int, name: str, wanted: frozenset[int]) -> Header | None
     (a series folder's files are read to learn their series, instance and echo: the
     per-frame sequences of an enhanced multi-frame file come later and are never parsed).
     None if it is not a regular DICOM file that can be read."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
+    opened = _open_tree_file(dir_fd, name)
+    if opened is None:
         return None
+    fd, st = opened
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 132:
-            return None
         # Read, not mapped (see identity_at); more of the file when the wanted elements lie
         # further in, and pydicom's reader for what the walk does not expect.
         for length in (_PREFIX, 1 << 20, 1 << 24):

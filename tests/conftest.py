@@ -128,3 +128,24 @@ def no_thread_leaks():
     yield
     leaked = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
     assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A site's configuration (tests/dcmtk.py write_config): dump, tree, quarantine, a free port."""
+    from dcmtk import write_config
+
+    return write_config(tmp_path / "site")
+
+
+@pytest.fixture
+def receiver(site):
+    """storescp and serve running for the site; stopped cleanly (serve exits 0) after."""
+    from dcmtk import Serve, Storescp
+
+    scp = Storescp(site)
+    serve = Serve(site)
+    yield scp, serve
+    code = serve.stop()
+    scp.stop()
+    assert code == 0, serve.output()

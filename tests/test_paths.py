@@ -82,12 +82,7 @@ def test_a_refusal_names_the_folder_that_refused(shared_base, template_file, blo
     quarantine that refused named none either: the tree's folders are opened by fd, so the
     error names no folder; the reason must find it."""
     base, nobody = shared_base
-    cfg = write_config(base, sweep_interval=1)
-    for name in ("dump", "sorted", "quarantine"):
-        (base / name).mkdir()
-        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
-    os.chown(base, nobody.pw_uid, nobody.pw_gid)
-    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    cfg = _site_of(base, nobody, sweep_interval=1)
     dump = base / "dump"
     if blocked == "dump":
         (dump / ".dumpwatch.lock").touch()  # serve's own, made before the dump was handed to root
@@ -124,12 +119,7 @@ def test_status_says_why_files_wait_and_alarms_when_they_keep_failing(shared_bas
     out of the dump) were only a count in status, healthy until backlog_alarm (5 minutes).
     serve now tells status why; a file left 3 times for the same reason is a problem."""
     base, nobody = shared_base
-    cfg = write_config(base)
-    for name in ("dump", "sorted", "quarantine"):
-        (base / name).mkdir()
-        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
-    os.chown(base, nobody.pw_uid, nobody.pw_gid)
-    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    cfg = _site_of(base, nobody)
     dump = base / "dump"
     (dump / ".dumpwatch.lock").touch()  # serve's own, made before the dump was handed to root
     os.chown(dump / ".dumpwatch.lock", nobody.pw_uid, nobody.pw_gid)
@@ -245,3 +235,14 @@ def test_files_deleted_between_their_event_and_their_read(tmp_path, template_fil
     finally:
         assert serve.stop() == 0, serve.output()
     assert "Traceback" not in serve.output()
+
+
+def _site_of(base, nobody, **extra):
+    """A site whose dump, tree, quarantine and configuration belong to nobody."""
+    cfg = write_config(base, **extra)
+    for name in ("dump", "sorted", "quarantine"):
+        (base / name).mkdir()
+        os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    return cfg

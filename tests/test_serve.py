@@ -27,22 +27,6 @@ from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 pytestmark = needs_dcmtk
 
 
-@pytest.fixture
-def site(tmp_path):
-    return write_config(tmp_path / "site")
-
-
-@pytest.fixture
-def receiver(site):
-    """storescp and serve running for the site; stopped cleanly (serve exits 0) after."""
-    scp = Storescp(site)
-    serve = Serve(site)
-    yield scp, serve
-    code = serve.stop()
-    scp.stop()
-    assert code == 0, serve.output()
-
-
 def reference(testdata: Path, tmp_path: Path, only: str = "") -> dict[str, str]:
     """{path in the tree: SOPInstanceUID} as sort-once sorts the same files."""
     copy_testdata(testdata, tmp_path / "ref-dump", only)

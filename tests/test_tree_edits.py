@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from dcmtk import Serve, Storescp, needs_dcmtk, storescu, wait_for, write_config
+from dcmtk import needs_dcmtk, storescu, wait_for
 from pydicom import dcmread
 
 from dumpwatch.config import Config
@@ -57,21 +57,6 @@ def uids_of(files: list[Path]) -> set[str]:
 
 def dump_files(site: Path) -> list[str]:
     return [name for name in os.listdir(site.parent / "dump") if name != ".dumpwatch.lock"]
-
-
-@pytest.fixture
-def site(tmp_path):
-    return write_config(tmp_path / "site")
-
-
-@pytest.fixture
-def receiver(site):
-    scp = Storescp(site)
-    serve = Serve(site)
-    yield scp, serve
-    code = serve.stop()
-    scp.stop()
-    assert code == 0, serve.output()
 
 
 @needs_dcmtk
