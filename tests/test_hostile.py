@@ -28,6 +28,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 from dumpwatch.config import Config
+from dumpwatch.dicomfile import data_set_identity
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.pipeline import Outcome
 from dumpwatch.sortonce import sort_dir
@@ -92,7 +93,12 @@ def check_landed(base: Path, inputs: dict[str, bytes], outcomes: list[Outcome], 
         if outcome.outcome in ("sorted", "duplicate"):
             dest = Path(outcome.detail)
             assert_safe_place(dest, cfg)
-            assert sha256(dest.read_bytes()) == sha256(data), f"{name}: the tree holds other bytes at {dest}"
+            held = dest.read_bytes()
+            if outcome.outcome == "sorted":
+                assert sha256(held) == sha256(data), f"{name}: the tree holds other bytes at {dest}"
+            else:  # the same data set; the file meta (group 0002) may differ
+                assert data_set_identity(held, len(held)) == data_set_identity(data, len(data)), \
+                    f"{name}: the tree holds another data set at {dest}"
         else:
             assert outcome.outcome == "quarantined", (name, outcome)
             assert sha256(data) in quarantined, f"{name}: quarantined, but its bytes are not in the quarantine"
@@ -100,8 +106,9 @@ def check_landed(base: Path, inputs: dict[str, bytes], outcomes: list[Outcome], 
             reason = (place.parent / (place.name + ".reason.txt")).read_text().splitlines()
             assert reason and reason[0].strip(), f"{name}: no reason beside {place}"
     tree = tree_of(cfg.dir_out) if cfg.dir_out.exists() else {}
-    placed = {sha256(d) for n, d in inputs.items() if by_name[n].outcome in ("sorted", "duplicate")}
-    assert set(tree.values()) == placed, "the tree holds files no input explains"
+    placed = {sha256(d) for n, d in inputs.items() if by_name[n].outcome == "sorted"}
+    matched = {sha256(Path(by_name[n].detail).read_bytes()) for n in inputs if by_name[n].outcome == "duplicate"}
+    assert set(tree.values()) == placed | matched, "the tree holds files no input explains"
     return by_name
 
 
