@@ -64,8 +64,8 @@ class DicomFile:
     data: bytes | None  # the whole file when it is small enough to hold in memory
     complete_header: bool  # ds holds every header element (else only those asked for)
     trailing: bool = False  # elements follow the pixel data (a digital signature, padding)
-    identity: str = ""  # of the data set and its transfer syntax: see data_set_identity()
-    body_size: int = 0  # bytes after the file meta group
+    body_size: int = 0  # bytes after the file meta group (its data-set identity is taken only
+    # when the tree holds a file of the same instance: see identity_at())
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -189,11 +189,12 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
         try:
             _check_start(buffer, size)
-            identity, body = data_set_identity(buffer, size)
+            found = meta_end(buffer, size)
+            body = size - (found[0] if found else 0)
             if wanted is not None:
                 try:
                     ds = scan(buffer, size, wanted)
-                    return DicomFile(path, fd, st, size, digest, ds, 0, data, False, False, identity, body)
+                    return DicomFile(path, fd, st, size, digest, ds, 0, data, False, False, body)
                 except _Unexpected:
                     pass
             try:
@@ -211,7 +212,7 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
             if encoding is not None:  # as the data set is, not as its file meta says
                 ds.set_original_encoding(*encoding, ds.original_character_set)
             trailing = check_complete(ds, size, buffer)
-            return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing, identity, body)
+            return DicomFile(path, fd, st, size, digest, ds, tail, data, True, trailing, body)
         finally:
             if isinstance(buffer, mmap.mmap):
                 buffer.close()
@@ -320,15 +321,18 @@ def _open_tree_file(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None
     return fd, st
 
 
-def identity_at(dir_fd: int, name: str) -> tuple[str, int] | None:
+def identity_at(dir_fd: int, name: str, expect: tuple[int, int, int, int] | None = None) -> tuple[str, int] | None:
     """data_set_identity() of a file in a folder (never through a symlink); None if it is
-    not a regular file or cannot be read. Read, not mapped: a file in the tree that a hand
-    truncates meanwhile must give an error here, not a SIGBUS that ends the process."""
+    not a regular file or cannot be read, or (with expect) if its (st_dev, st_ino, st_size,
+    st_mtime_ns) are not those. Read, not mapped: a file in the tree that a hand truncates
+    meanwhile must give an error here, not a SIGBUS that ends the process."""
     opened = _open_tree_file(dir_fd, name)
     if opened is None:
         return None
     fd, st = opened
     try:
+        if expect is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != expect:
+            return None
         head = os.pread(fd, _PREFIX, 0)
         found = meta_end(head, len(head))
         start, syntax = found if found else (0, "")

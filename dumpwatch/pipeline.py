@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -26,7 +27,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from dumpwatch import failpoints, keys, rebuild
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
-from dumpwatch.dicomfile import DicomFile, NotRegular, meta_end, read_dicom
+from dumpwatch.dicomfile import DicomFile, NotRegular, identity_at, meta_end, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import (
     AT_FDCWD,
@@ -140,8 +141,8 @@ class Prepared:
     sop_uid: str
     series_uid: str
     name: Name
-    identity: str  # of the data set to place: dicomfile.data_set_identity()
-    body_size: int  # its size
+    body_size: int  # of the data set to place: the bytes after the file meta group
+    identity: str | None = None  # of that data set, taken in a dry run (no staged copy to read)
     staged: str | None = None  # a copy written to the staging folder, to place instead of source
     fresh: bool = False  # written moments ago: its writeback was started early
 
@@ -265,10 +266,10 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     name = friendly_name(ds, job.template, job.reserved)
     prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
                         dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name,
-                        dicom.identity, dicom.body_size)
+                        dicom.body_size)
     if job.dry_run:
         if header is not None:
-            _digest_of(dicom, header, prepared)
+            _digest_of(dicom, header, prepared, identity=True)
         return prepared
     # A file with more than one link is also another name's file (a link made in the dump to
     # someone's image elsewhere): moving it would put that inode in the tree, and the chmod
@@ -306,24 +307,26 @@ def _encode_header(dicom: DicomFile) -> bytes:
     return buffer.getvalue()
 
 
-def _digest_of(dicom: DicomFile, header: bytes, prepared: Prepared) -> None:
-    """The sha256, size and data set identity of the bytes to place: the changed header,
-    then the file's own bytes from its pixel data on."""
-    digest = hashlib.sha256(header)
+def _digest_of(dicom: DicomFile, header: bytes, prepared: Prepared, identity: bool = False) -> None:
+    """The sha256, size and data set size of the bytes to place: the changed header, then
+    the file's own bytes from its pixel data on; with identity, their data-set identity too."""
+    digests = [hashlib.sha256(header)]
     start, syntax = meta_end(header, len(header)) or (0, "")
-    identity = hashlib.sha256(syntax.encode("ascii", "replace") + b"\0" + memoryview(header)[start:])
+    if identity:
+        digests.append(hashlib.sha256(syntax.encode("ascii", "replace") + b"\0" + memoryview(header)[start:]))
     if dicom.data is not None:
-        tail = memoryview(dicom.data)[dicom.tail :]
-        digest.update(tail)
-        identity.update(tail)
+        for digest in digests:
+            digest.update(memoryview(dicom.data)[dicom.tail :])
     else:
         offset = dicom.tail
         while chunk := os.pread(dicom.fd, 1 << 20, offset):
-            digest.update(chunk)
-            identity.update(chunk)
+            for digest in digests:
+                digest.update(chunk)
             offset += len(chunk)
-    prepared.out_sha256, prepared.size = digest.hexdigest(), len(header) + dicom.size - dicom.tail
-    prepared.identity, prepared.body_size = identity.hexdigest(), prepared.size - start
+    prepared.out_sha256, prepared.size = digests[0].hexdigest(), len(header) + dicom.size - dicom.tail
+    prepared.body_size = prepared.size - start
+    if identity:
+        prepared.identity = digests[1].hexdigest()
 
 
 def _stage(dicom: DicomFile, prepared: Prepared, header: bytes | None, job: Job) -> None:
@@ -487,7 +490,8 @@ class Sorter:
         plans: list[_Plan] = []
         for item in prepared:
             try:
-                decision = self.tree.decide(item.name, item.series_uid, item.sop_uid, item.identity, item.body_size,
+                decision = self.tree.decide(item.name, item.series_uid, item.sop_uid,
+                                            functools.partial(self._identity_of, item), item.body_size,
                                             item.dev, item.ino)
             except Rejected as exc:
                 failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
@@ -593,6 +597,18 @@ class Sorter:
         self.journal.forget([*gone, *forgotten])
         self.journal.record(stuck)
         return outcomes
+
+    def _identity_of(self, item: Prepared) -> str | None:
+        """The data-set identity of the bytes item would place, read from its staged copy or
+        its source (the tree asks only when it holds a file of the same instance); None if
+        the source is not the file that was read any more."""
+        if item.identity is not None:
+            return item.identity
+        if item.staged:
+            found = identity_at(self.staging_fd, item.staged)
+        else:
+            found = identity_at(AT_FDCWD, item.source, (item.dev, item.ino, item.source_size, item.mtime_ns))
+        return None if found is None else found[0]
 
     def _apply(self, plan: _Plan) -> list[tuple[str, ...]]:
         """Place one file; if the dump and the tree turn out to be two mounts, as a copy."""

@@ -19,7 +19,7 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,12 @@ class Known:
     echo: int  # EchoNumbers, 1 when absent
     body_size: int  # bytes of its data set (after the file meta group)
     identity: str | None = None  # data_set_identity(), once taken
+    pending: Callable[[], str | None] | None = None  # takes it, for a file planned in this batch
+
+    def taken_identity(self) -> str | None:
+        if self.identity is None and self.pending is not None:
+            self.identity, self.pending = self.pending(), None
+        return self.identity
 
 
 @dataclass
@@ -193,11 +199,14 @@ class Tree:
 
     # -- deciding ------------------------------------------------------------------------
 
-    def decide(self, name: Name, series_uid: str, sop_uid: str, identity: str, body_size: int,
-               dev: int, ino: int) -> Decision:
+    def decide(self, name: Name, series_uid: str, sop_uid: str, identity: Callable[[], str | None],
+               body_size: int, dev: int, ino: int) -> Decision:
         """Where a file goes: its series folder, echo suffix, and a free name or its duplicate.
 
-        identity and body_size: dicomfile.data_set_identity() of the bytes to place. Updates
+        identity: takes dicomfile.data_set_identity() of the bytes to place (None if they
+        cannot be read), called only when the folder holds a file of the same instance and
+        size: hashing every file cost a tenth of a first sort. body_size: the size of those
+        bytes after the file meta group. Updates
         the in-memory picture as if the decision were carried out; if it is not, call
         forget(decision.folder).
         """
@@ -208,8 +217,8 @@ class Tree:
             self.forget(folder)  # its picture may hold renames that will not happen
             raise
 
-    def _decide_in(self, folder: Folder, name: Name, sop_uid: str, identity: str, body_size: int,
-                   dev: int, ino: int) -> Decision:
+    def _decide_in(self, folder: Folder, name: Name, sop_uid: str, identity: Callable[[], str | None],
+                   body_size: int, dev: int, ino: int) -> Decision:
         echo = name.echo or 1
         multi = folder.multi or len(folder.echoes | {echo}) > 1
         renames = []
@@ -231,7 +240,7 @@ class Tree:
         elif multi:
             stem += "_01"
         file_name, dup = self._free(folder, stem)
-        known = Known(None, 0, 0, sop_uid, echo, body_size, identity)
+        known = Known(None, 0, 0, sop_uid, echo, body_size, pending=identity)
         folder.add(file_name, known)
         if echo == 1 and not multi:
             folder.plain.add(file_name)
@@ -246,19 +255,32 @@ class Tree:
                 return stem + suffix + self.suffix, suffix
         raise OSError(f"no free name for {stem!r}")
 
-    def _same_instance(self, folder: Folder, sop_uid: str, identity: str, body_size: int,
-                       dev: int, ino: int) -> tuple[str, str, Known] | None:
+    def _same_instance(self, folder: Folder, sop_uid: str, take_identity: Callable[[], str | None],
+                       body_size: int, dev: int, ino: int) -> tuple[str, str, Known] | None:
         """(name, "inode") if a file of this instance in the folder is the source itself,
         (name, "bytes") if one holds the same data set now, else None."""
         names = folder.by_uid.get(sop_uid)
         if not names:
             return None
+        taken: list[str | None] = []
+
+        def identity() -> str | None:  # the source's, taken once and only if needed
+            if not taken:
+                taken.append(take_identity())
+            return taken[0]
+
         fd = self._open(folder.rel)
         try:
             for name in list(names):
                 known = folder.files[name]
                 if known.ino is None:  # planned in this batch: its identity is all there is
-                    if known.identity == identity:
+                    if known.body_size != body_size:
+                        continue
+                    theirs = known.taken_identity()
+                    # Theirs unreadable: its source vanished or changed, and it will not be
+                    # placed; as its twin, this file is left for the next batch, not named
+                    # beside a file that never comes.
+                    if theirs is None or theirs == identity():
                         return name, "bytes", known
                     continue
                 try:
@@ -274,14 +296,14 @@ class Tree:
                     known = self._reread(folder, fd, name)  # changed since it was read
                     if known is None or known.sop_uid != sop_uid:
                         continue
-                if known.body_size != body_size:
+                if known.body_size != body_size or identity() is None:
                     continue
                 if known.identity is None:
                     found = identity_at(fd, folder.disk.get(name, name))
                     if found is None:
                         continue
                     known.identity = found[0]
-                if known.identity == identity:
+                if known.identity == identity():
                     return name, "bytes", known
         finally:
             if fd >= 0:
@@ -502,6 +524,7 @@ class Tree:
                 known = decision.match  # (a later decision of this batch may have renamed it already)
                 if known is not None:
                     known.ino, known.ctime_ns, known.size = placed.st_ino, placed.st_ctime_ns, placed.st_size
+                    known.pending = None  # its source is gone; the file in the tree is read if need be
         finally:
             os.close(fd)
         return created

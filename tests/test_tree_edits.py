@@ -14,7 +14,7 @@ import pytest
 from dcmtk import needs_dcmtk, storescu, wait_for
 from pydicom import dcmread
 
-from dumpwatch.config import Config
+from dumpwatch.config import Config, read_config
 from dumpwatch.naming import Template
 from dumpwatch.sortonce import sort_dir
 
@@ -302,3 +302,43 @@ def test_odd_things_a_hand_leaves_in_the_tree_never_stop_sorting(tmp_path, templ
     assert summary.counts == {"sorted": 3}, summary.problems
     assert _names(subject / "002-gre_field_magph")[:3] == ["0001.dcm", "0002.dcm", "0003.dcm"]
     assert _names(subject / "002-gre_field_magph_4") == ["0001.dcm"]
+
+
+def _meta_changed(original: Path, copy: Path, **data) -> Path:
+    """A copy of original as a PACS re-sends it: another file meta (and `data` changed)."""
+    ds = dcmread(original)
+    ds.file_meta.SourceApplicationEntityTitle = "PACS"
+    ds.file_meta.ImplementationVersionName = "OTHER_PACS_1"
+    for keyword, value in data.items():
+        setattr(ds, keyword, value)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(copy, enforce_file_format=False)
+    return copy
+
+
+@pytest.mark.parametrize("differs", [False, True])
+def test_one_instance_twice_in_one_dump_is_placed_once_unless_its_data_set_differs(tmp_path, template_file, differs):
+    """Both copies are decided in one batch: the second is judged against the first while
+    that one is only planned, by the data set each would place."""
+    cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q")
+    first = make_dicom(tmp_path / "dump" / "MR.1", template_file, InstanceNumber=1)
+    _meta_changed(first, tmp_path / "dump" / "MR.2", **({"ImageComments": "changed"} if differs else {}))
+    counts = sort_dir(tmp_path / "dump", cfg).counts
+    assert counts == ({"sorted": 2} if differs else {"sorted": 1, "duplicate": 1})
+    assert len(tree_of(tmp_path / "out")) == (2 if differs else 1)
+    assert not os.listdir(tmp_path / "dump")
+
+
+def test_a_dry_run_knows_an_anonymised_re_send_for_a_duplicate(tmp_path, template_file):
+    """With anonymisation the bytes to place exist only in memory in a dry run: their
+    identity is taken there, and the dry run says what the run would do."""
+    cfg_file = tmp_path / "dumpwatch.cfg"
+    cfg_file.write_text(f"dir_out = {tmp_path / 'out'}\ndir_quarantine = {tmp_path / 'q'}\nanon_profile = basic\n")
+    cfg = read_config(cfg_file)
+    first = make_dicom(tmp_path / "one" / "MR.1", template_file, InstanceNumber=1)
+    _meta_changed(first, tmp_path / "two" / "MR.1")
+    _meta_changed(first, tmp_path / "two" / "MR.2", RepetitionTime=1234)  # kept by the profile
+    assert sort_dir(tmp_path / "one", cfg).counts == {"sorted": 1}
+    dry = sort_dir(tmp_path / "two", cfg, dry_run=True).counts
+    assert dry == {"duplicate": 1, "sorted": 1}
+    assert sort_dir(tmp_path / "two", cfg).counts == dry
