@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import hashlib
 import io
 import itertools
@@ -27,7 +26,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from dumpwatch import failpoints, keys, rebuild
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
-from dumpwatch.dicomfile import DicomFile, NotRegular, identity_at, meta_end, read_dicom
+from dumpwatch.dicomfile import DicomFile, NotRegular, Placed, meta_end, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import (
     AT_FDCWD,
@@ -491,7 +490,7 @@ class Sorter:
         for item in prepared:
             try:
                 decision = self.tree.decide(item.name, item.series_uid, item.sop_uid,
-                                            functools.partial(self._identity_of, item), item.body_size,
+                                            self._bytes_of(item), item.body_size,
                                             item.dev, item.ino)
             except Rejected as exc:
                 failed.append(Failed(item.source, "quarantine", str(exc), item.sha256, item.sop_uid))
@@ -598,17 +597,15 @@ class Sorter:
         self.journal.record(stuck)
         return outcomes
 
-    def _identity_of(self, item: Prepared) -> str | None:
-        """The data-set identity of the bytes item would place, read from its staged copy or
-        its source (the tree asks only when it holds a file of the same instance); None if
-        the source is not the file that was read any more."""
+    def _bytes_of(self, item: Prepared) -> Placed:
+        """Where the bytes item would place can be read: its staged copy, or its source as
+        long as it is the file the worker read; in a dry run that rewrote the header, only
+        their identity (they were never written)."""
         if item.identity is not None:
-            return item.identity
+            return Placed(-1, "", identity=item.identity)
         if item.staged:
-            found = identity_at(self.staging_fd, item.staged)
-        else:
-            found = identity_at(AT_FDCWD, item.source, (item.dev, item.ino, item.source_size, item.mtime_ns))
-        return None if found is None else found[0]
+            return Placed(self.staging_fd, item.staged)
+        return Placed(AT_FDCWD, item.source, (item.dev, item.ino, item.source_size, item.mtime_ns))
 
     def _apply(self, plan: _Plan) -> list[tuple[str, ...]]:
         """Place one file; if the dump and the tree turn out to be two mounts, as a copy."""

@@ -19,7 +19,7 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from pathlib import Path
 from pydicom.datadict import keyword_dict
 
 from dumpwatch import failpoints
-from dumpwatch.dicomfile import identity_at, read_prefix
+from dumpwatch.dicomfile import Placed, read_prefix, same_data_set
 from dumpwatch.fsops import TreeBlocked, make_dirs, make_folder, move_noreplace, open_dir, set_owner_mode
 from dumpwatch.naming import Name, Template, echo_number, friendly_name, header_text, is_safe_component
 
@@ -48,13 +48,7 @@ class Known:
     sop_uid: str
     echo: int  # EchoNumbers, 1 when absent
     body_size: int  # bytes of its data set (after the file meta group)
-    identity: str | None = None  # data_set_identity(), once taken
-    pending: Callable[[], str | None] | None = None  # takes it, for a file planned in this batch
-
-    def taken_identity(self) -> str | None:
-        if self.identity is None and self.pending is not None:
-            self.identity, self.pending = self.pending(), None
-        return self.identity
+    source: Placed | None = None  # where its bytes are, while it is only planned
 
 
 @dataclass
@@ -199,26 +193,26 @@ class Tree:
 
     # -- deciding ------------------------------------------------------------------------
 
-    def decide(self, name: Name, series_uid: str, sop_uid: str, identity: Callable[[], str | None],
-               body_size: int, dev: int, ino: int) -> Decision:
+    def decide(self, name: Name, series_uid: str, sop_uid: str, source: Placed, body_size: int,
+               dev: int, ino: int) -> Decision:
         """Where a file goes: its series folder, echo suffix, and a free name or its duplicate.
 
-        identity: takes dicomfile.data_set_identity() of the bytes to place (None if they
-        cannot be read), called only when the folder holds a file of the same instance and
-        size: hashing every file cost a tenth of a first sort. body_size: the size of those
-        bytes after the file meta group. Updates
+        source: where the bytes to place can be read, to compare their data set with a file
+        of the same instance and size in the folder (only then: a first sort reads nothing
+        more); body_size: the size of that data set (the bytes after the file meta group),
+        dev and ino: the received file's. Updates
         the in-memory picture as if the decision were carried out; if it is not, call
         forget(decision.folder).
         """
         folder = self._series_folder(name.folders, series_uid)
         try:
-            return self._decide_in(folder, name, sop_uid, identity, body_size, dev, ino)
+            return self._decide_in(folder, name, sop_uid, source, body_size, dev, ino)
         except BaseException:
             self.forget(folder)  # its picture may hold renames that will not happen
             raise
 
-    def _decide_in(self, folder: Folder, name: Name, sop_uid: str, identity: Callable[[], str | None],
-                   body_size: int, dev: int, ino: int) -> Decision:
+    def _decide_in(self, folder: Folder, name: Name, sop_uid: str, source: Placed, body_size: int,
+                   dev: int, ino: int) -> Decision:
         echo = name.echo or 1
         multi = folder.multi or len(folder.echoes | {echo}) > 1
         renames = []
@@ -229,7 +223,7 @@ class Tree:
                 renames.append((old, new))
                 folder.rename(old, new)
         folder.multi = multi
-        same = self._same_instance(folder, sop_uid, identity, body_size, dev, ino)
+        same = self._same_instance(folder, sop_uid, source, body_size, dev, ino)
         if same is not None:
             file_name, how, known = same
             return Decision("sorted" if how == "inode" else "duplicate", folder, file_name, renames,
@@ -240,7 +234,7 @@ class Tree:
         elif multi:
             stem += "_01"
         file_name, dup = self._free(folder, stem)
-        known = Known(None, 0, 0, sop_uid, echo, body_size, pending=identity)
+        known = Known(None, 0, 0, sop_uid, echo, body_size, source)
         folder.add(file_name, known)
         if echo == 1 and not multi:
             folder.plain.add(file_name)
@@ -255,32 +249,26 @@ class Tree:
                 return stem + suffix + self.suffix, suffix
         raise OSError(f"no free name for {stem!r}")
 
-    def _same_instance(self, folder: Folder, sop_uid: str, take_identity: Callable[[], str | None],
-                       body_size: int, dev: int, ino: int) -> tuple[str, str, Known] | None:
+    def _same_instance(self, folder: Folder, sop_uid: str, source: Placed, body_size: int,
+                       dev: int, ino: int) -> tuple[str, str, Known] | None:
         """(name, "inode") if a file of this instance in the folder is the source itself,
         (name, "bytes") if one holds the same data set now, else None."""
         names = folder.by_uid.get(sop_uid)
         if not names:
             return None
-        taken: list[str | None] = []
-
-        def identity() -> str | None:  # the source's, taken once and only if needed
-            if not taken:
-                taken.append(take_identity())
-            return taken[0]
-
         fd = self._open(folder.rel)
         try:
             for name in list(names):
                 known = folder.files[name]
-                if known.ino is None:  # planned in this batch: its identity is all there is
-                    if known.body_size != body_size:
+                if known.ino is None:  # planned in this batch: its source is all there is
+                    if known.body_size != body_size or known.source is None:
                         continue
-                    theirs = known.taken_identity()
-                    # Theirs unreadable: its source vanished or changed, and it will not be
-                    # placed; as its twin, this file is left for the next batch, not named
-                    # beside a file that never comes.
-                    if theirs is None or theirs == identity():
+                    same = same_data_set(known.source, source)
+                    # None: one of the two vanished or changed since it was read. If it is
+                    # the planned twin, it will not be placed: this file then waits for the
+                    # next batch as its duplicate, rather than be named 0001A beside a 0001
+                    # that never comes. If it is this file, it is left all the same.
+                    if same is not False:
                         return name, "bytes", known
                     continue
                 try:
@@ -296,14 +284,10 @@ class Tree:
                     known = self._reread(folder, fd, name)  # changed since it was read
                     if known is None or known.sop_uid != sop_uid:
                         continue
-                if known.body_size != body_size or identity() is None:
+                if known.body_size != body_size:
                     continue
-                if known.identity is None:
-                    found = identity_at(fd, folder.disk.get(name, name))
-                    if found is None:
-                        continue
-                    known.identity = found[0]
-                if known.identity == identity():
+                there = Placed(fd, folder.disk.get(name, name), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                if same_data_set(there, source):
                     return name, "bytes", known
         finally:
             if fd >= 0:
@@ -524,7 +508,7 @@ class Tree:
                 known = decision.match  # (a later decision of this batch may have renamed it already)
                 if known is not None:
                     known.ino, known.ctime_ns, known.size = placed.st_ino, placed.st_ctime_ns, placed.st_size
-                    known.pending = None  # its source is gone; the file in the tree is read if need be
+                    known.source = None  # moved: the file in the tree is read if need be
         finally:
             os.close(fd)
         return created

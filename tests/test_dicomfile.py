@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import data_element_generator
 
-from dumpwatch.dicomfile import NotRegular, read_dicom
+from dumpwatch.dicomfile import NotRegular, Placed, data_set_identity, read_dicom, same_data_set
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, naming_tags
 
@@ -149,3 +149,35 @@ def test_symlinks_fifos_and_sockets_are_not_read(tmp_path, template_file):
                 read_dicom(str(tmp_path / name))
     finally:
         server.close()
+
+
+def test_same_data_set_compares_the_data_set_and_its_transfer_syntax_not_the_file_meta(tmp_path, template_file):
+    first = make_dicom(tmp_path / "a", template_file, InstanceNumber=1)
+    ds = dcmread(first)
+    ds.file_meta.SourceApplicationEntityTitle = "PACS"  # a re-send: another file meta
+    ds.save_as(tmp_path / "b", enforce_file_format=False)
+    ds.ImageComments = "changed"
+    ds.save_as(tmp_path / "c", enforce_file_format=False)
+    ds = dcmread(first)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"  # the same bytes, labelled otherwise
+    ds.save_as(tmp_path / "d", enforce_file_format=False)
+    at = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def placed(name: str) -> Placed:
+            return Placed(at, name)
+
+        assert (tmp_path / "a").read_bytes() != (tmp_path / "b").read_bytes()
+        assert same_data_set(placed("a"), placed("b")) is True
+        assert same_data_set(placed("a"), placed("c")) is False
+        assert same_data_set(placed("a"), placed("d")) is False
+        assert same_data_set(placed("a"), placed("missing")) is None
+        st = os.stat(tmp_path / "b")
+        proven = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        assert same_data_set(placed("a"), Placed(at, "b", proven)) is True
+        assert same_data_set(placed("a"), Placed(at, "b", (*proven[:3], proven[3] + 1))) is None  # not that file
+        data = (tmp_path / "b").read_bytes()
+        in_memory = Placed(-1, "", identity=data_set_identity(data, len(data))[0])  # a dry run's rewritten bytes
+        assert same_data_set(placed("a"), in_memory) is True
+        assert same_data_set(placed("c"), in_memory) is False
+    finally:
+        os.close(at)
