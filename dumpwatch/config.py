@@ -164,7 +164,7 @@ KEYS: dict[str, Key] = {
     "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
                    "queue and sweeps take more as these are done"),
     "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
-    "rules_dir": Key(str, "rules/ beside dumpwatch", "where anon_profile finds layers by name", kind="path"),
+    "rules_dir": Key(str, "the layers shipped with dumpwatch", "where anon_profile finds layers by name", kind="path"),
     "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "
                     "date shifts; made (mode 0600) on first use", kind="path"),
     "anon_subjects": Key(str, "(none: pseudonyms from the key)", "CSV of PatientID or PatientName -> subject code",

@@ -7,6 +7,7 @@ generated from DICOM PS3.15 Table E.1-1, and a site example.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,7 +17,18 @@ from pydicom.datadict import keyword_dict
 
 from dumpwatch.errors import ConfigError
 
-RULES_DIR = Path(__file__).resolve().parents[1] / "rules"  # the layers that ship with dumpwatch
+
+def _shipped_layers() -> Path:
+    """The folder of the layers that ship with dumpwatch: the package data dumpwatch.layers,
+    which is rules/ of the checkout in an editable install and its copy in an installed
+    wheel; rules/ beside the package when dumpwatch runs from a checkout not installed."""
+    try:
+        return Path(str(importlib.resources.files("dumpwatch.layers")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "rules"
+
+
+RULES_DIR = _shipped_layers()
 
 ACTIONS = {"D", "Z", "X", "K", "C", "U", "X/Z", "Z/D", "X/D", "X/Z/D", "X/Z/U*"}
 
