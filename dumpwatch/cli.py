@@ -82,6 +82,18 @@ def reopen_log() -> None:
         log.info("SIGHUP: no log file to reopen (fname_log is not set); going on")
 
 
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Options).config = value
+
+
+def config_option(command):
+    """--config after the command's name too (`dumpwatch status --config FILE`), meaning what
+    it means before it; given both ways, the later one counts."""
+    return click.option("--config", metavar="FILE", expose_value=False, callback=_remember_config,
+                        help="Configuration file (else $DUMPWATCH_CONFIG, else ./dumpwatch.cfg).")(command)
+
+
 def _config(options: Options) -> Config:
     try:
         return load_config(options.config)
@@ -101,6 +113,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 
 @cli.command("sort-once")
+@config_option
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
 @click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
@@ -183,6 +196,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
 
 
 @cli.command("serve")
+@config_option
 @click.pass_obj
 def serve_command(options: Options) -> None:
     """Watch dir_dump and sort each file storescp finishes, until SIGTERM or Ctrl-C.
@@ -241,6 +255,7 @@ def serve_command(options: Options) -> None:
 
 
 @cli.command("status")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for monitoring.")
 @click.pass_obj
 def status_command(options: Options, as_json: bool) -> None:
@@ -253,6 +268,7 @@ def status_command(options: Options, as_json: bool) -> None:
 
 
 @cli.command("config-value")
+@config_option
 @click.argument("keys", nargs=-1, required=True)
 @click.pass_obj
 def config_value(options: Options, keys: tuple[str, ...]) -> None:
@@ -277,6 +293,7 @@ def config_value(options: Options, keys: tuple[str, ...]) -> None:
 
 
 @cli.command("check-rules")
+@config_option
 @click.pass_obj
 def check_rules(options: Options) -> None:
     """Check every rule layer in rules_dir and the configured anon_profile; print what the
@@ -305,6 +322,7 @@ def check_rules(options: Options) -> None:
 
 
 @cli.command("check-config")
+@config_option
 @click.pass_obj
 def check_config(options: Options) -> None:
     """Check the configuration file and print the configuration in effect."""
@@ -319,6 +337,7 @@ def check_config(options: Options) -> None:
 
 
 @cli.command("where")
+@config_option
 @click.argument("term")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
 @click.pass_obj

@@ -152,3 +152,23 @@ def test_config_is_found_by_option_then_environment_then_working_folder(tmp_path
     assert load_config(option_file).port == 3
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "missing.cfg")
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["config-value", "port"], ["status"],
+                                     ["where", "MR.1"], ["check-rules"], ["sort-once", "."],
+                                     ["serve"]])
+def test_config_is_taken_after_the_command_too(tmp_path, command):
+    """`dumpwatch check-config --config FILE` reads FILE, as `dumpwatch --config FILE check-config`
+    does: a mistake in it is found either way (the command goes no further)."""
+    path = write(tmp_path, "port = four\n")
+    for args in (["--config", str(path), *command], [*command, "--config", str(path)]):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"Error: {path}:1: port: not a whole number: 'four'" in result.output, (args, result.output)
+
+
+def test_config_after_the_command_wins_over_the_one_before(tmp_path):
+    before = write(tmp_path, "port = 1\n", "before.cfg")
+    after = write(tmp_path, "port = 2\n", "after.cfg")
+    result = run("--config", str(before), "config-value", "--config", str(after), "port")
+    assert (result.exit_code, result.output) == (0, "2\n")
