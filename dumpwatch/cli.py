@@ -22,6 +22,7 @@ from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
 from dumpwatch.pipeline import Outcome
 from dumpwatch.rules import RULES_DIR, load_layer
+from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
 from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
@@ -380,6 +381,84 @@ def where(options: Options, term: str, out: Path | None) -> None:
         why = f"  ({row['reason']})" if row["reason"] else ""
         click.echo(f"{row['time']}  {row['outcome']}{state}  {row['source'] or ''}"
                    + (f" -> {target}" if target else "") + why)
+
+
+@cli.command("send")
+@config_option
+@click.argument("folder", type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="The receiver's host name or address.")
+@click.option("--port", type=click.IntRange(1, 65535), help="The receiver's port (else port in the configuration).")
+@click.option("--aec", metavar="AET",
+              help="The receiver's AE title, the called one (else AETitle in the configuration).")
+@click.option("--aet", metavar="AET", default="DUMPWATCH_SEND", show_default=True,
+              help="Our AE title, the calling one.")
+@click.pass_obj
+def send_command(options: Options, folder: Path, host: str, port: int | None, aec: str | None, aet: str) -> None:
+    """Send every DICOM file below FOLDER to a DICOM receiver (with DCMTK's storescu).
+
+    Each file is offered in its own SOP class and transfer syntax (compressed and private
+    ones too), so that a receiver that takes them all, as dumpwatch's storescp does, is
+    refused nothing. Files that are not DICOM are skipped and counted; symlinks are not
+    followed. Exit status 0 when every DICOM file was stored, 1 when any was not.
+
+    \b
+    Example:
+        dumpwatch send /media/cdrom --host 10.0.0.5 --port 11112 --aec MRI_SORT
+    """
+    if port is None or aec is None:
+        cfg = _config(options)
+        port = cfg.port if port is None else port
+        aec = cfg.aetitle if aec is None else aec
+    receiver = Receiver(host, port, aec, aet)
+    try:
+        check_receiver(receiver)
+    except SendError as exc:
+        raise click.UsageError(str(exc)) from None
+    quiet_pydicom()  # odd but readable headers are sent as they are
+    root = Path(os.path.abspath(folder))
+    base = root if root.is_dir() else root.parent
+
+    def shown(path: str) -> str:
+        return printable(os.path.relpath(path, base))
+
+    listing = list_folder(root)
+
+    def say_skipped() -> None:
+        for why, count in listing.skipped.items():
+            click.echo(f"  skipped   {count:>6}  {why}, e.g. {shown(listing.examples[why])}")
+
+    if not listing.items and not listing.unsendable:
+        say_skipped()
+        raise click.ClickException(f"no DICOM file below {printable(str(root))}: nothing sent")
+    for path, why in listing.unsendable:
+        click.echo(f"not sent  {shown(path)}: {why}")
+    association: dict[str, int] = {}  # why a whole run failed -> files: said once, not per file
+
+    def report(result: Result) -> None:
+        if result.sent:
+            if options.verbose:
+                click.echo(f"sent      {shown(result.item.path)}" + (f" ({result.warning})" if result.warning else ""))
+        elif result.reason.startswith("storescu could not send to "):
+            association[result.reason] = association.get(result.reason, 0) + 1
+        else:
+            click.echo(f"not sent  {shown(result.item.path)}: {result.reason}")
+
+    try:
+        outcome = send(listing.items, receiver, report)
+    except SendError as exc:
+        raise click.ClickException(str(exc)) from None
+    runs = f"{outcome.runs} association{'s' if outcome.runs != 1 else ''}"
+    click.echo(f"{len(outcome.delivered)} of {len(listing.items) + len(listing.unsendable)} DICOM files sent to "
+               f"{receiver} in {outcome.elapsed:.1f} s ({runs})")
+    for why, count in association.items():
+        click.echo(f"  not sent  {count:>6}  {why}")
+    refused = len(outcome.failed) - sum(association.values())
+    if refused:
+        click.echo(f"  not sent  {refused:>6}  refused by the receiver or by storescu (each named above)")
+    if listing.unsendable:
+        click.echo(f"  not sent  {len(listing.unsendable):>6}  could not be read or cannot be sent (each named above)")
+    say_skipped()
+    sys.exit(0 if not outcome.failed and not listing.unsendable else EXIT_ERROR)
 
 
 def main() -> None:

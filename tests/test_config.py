@@ -155,7 +155,7 @@ def test_config_is_found_by_option_then_environment_then_working_folder(tmp_path
 
 
 @pytest.mark.parametrize("command", [["check-config"], ["config-value", "port"], ["status"],
-                                     ["where", "MR.1"], ["check-rules"], ["sort-once", "."],
+                                     ["where", "MR.1"], ["check-rules"], ["sort-once", "."], ["send", "."],
                                      ["serve"]])
 def test_config_is_taken_after_the_command_too(tmp_path, command):
     """`dumpwatch check-config --config FILE` reads FILE, as `dumpwatch --config FILE check-config`
