@@ -107,6 +107,26 @@ def test_mistakes_name_the_file_line_and_key(tmp_path, text, line, message):
     assert f"Error: {path}:{line}: " in result.output
 
 
+def test_every_mistake_is_reported_not_only_the_first(tmp_path):
+    path = write(tmp_path, "port = four\nprot = 11\nAETitle = A_TITLE_LONGER_THAN_16\nport = 5\n    0010,0010\n"
+                           "workers = 2\ndir_out = out\ndir_quarantine = out/q\n")
+    expected = [
+        f"{path}:1: port: not a whole number: 'four'",
+        f"{path}:2: prot: unknown key (did you mean 'port'?)",
+        f"{path}:3: aetitle: an AE title has 1 to 16 characters, 'A_TITLE_LONGER_THAN_16' has 22",
+        f"{path}:4: port: given twice (first on line 1)",
+        f"{path}:5: an indented line belongs below an anon_fields line",
+        f"{path}: dir_quarantine: {tmp_path / 'out' / 'q'} is inside the sorted tree {tmp_path / 'out'}; "
+        "choose a folder outside it",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        read_config(path)
+    assert str(caught.value).splitlines() == expected
+    result = run("check-config", "--config", str(path))
+    assert result.exit_code == 1
+    assert result.output.splitlines() == ["Error: " + expected[0], *expected[1:]]
+
+
 def test_keys_are_case_insensitive_comments_and_blank_lines_allowed(tmp_path):
     cfg = read_config(write(tmp_path, "# comment\n\nPORT = 104   # the scanner's port\nAeTitle=MRI_3T\n"))
     assert (cfg.port, cfg.aetitle) == (104, "MRI_3T")
