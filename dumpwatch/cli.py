@@ -37,8 +37,9 @@ class Options:
     verbose: int
 
 
-def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) -> None:
-    """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v."""
+def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, per_file: bool = True) -> None:
+    """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v,
+    and records about one file's outcome (pipeline.PER_FILE) only if per_file or -v."""
     quiet_pydicom()
     root = logging.getLogger("dumpwatch")
     for handler in [h for h in root.handlers if getattr(h, "dumpwatch", False)]:
@@ -49,6 +50,8 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) 
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(stderr_level if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
     stderr.setFormatter(form)
+    if not per_file and not verbose:
+        stderr.addFilter(lambda record: not getattr(record, "per_file", False))
     stderr.dumpwatch = True  # type: ignore[attr-defined]
     root.addHandler(stderr)
     if cfg.fname_log is not None:
@@ -156,7 +159,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         check_layout(cfg)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    setup_logging(cfg, options.verbose)
+    setup_logging(cfg, options.verbose, per_file=False)  # the summary counts them by reason
 
     bar = None
     show_bar = sys.stderr.isatty() and not dry_run

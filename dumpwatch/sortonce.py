@@ -21,7 +21,8 @@ from dumpwatch.workers import Workers
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_ALL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_SHOWN = 20  # problems listed one by one in the summary
+_SHOWN = 20  # distinct reasons listed in the summary
+_REASONS_KEPT = 1000  # distinct reasons counted; files with others are counted without theirs
 
 
 def folder_id(path: Path | str | None) -> tuple[int, int] | None:
@@ -89,10 +90,12 @@ def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, in
 
 @dataclass
 class Summary:
-    """Counts of outcomes and the first few problems, for the report at the end."""
+    """Counts of outcomes, and of the reasons of files not sorted, for the report at the end."""
 
     counts: Counter = field(default_factory=Counter)
-    problems: list[Outcome] = field(default_factory=list)
+    problems: list[Outcome] = field(default_factory=list)  # the first few files not sorted
+    reasons: Counter = field(default_factory=Counter)  # (outcome, reason) -> files
+    examples: dict[tuple[str, str], str] = field(default_factory=dict)  # (outcome, reason) -> its first file
     unreadable: list[str] = field(default_factory=list)
     served: list[str] = field(default_factory=list)  # dumps a running serve sorts: skipped
     elapsed: float = 0.0
@@ -101,8 +104,14 @@ class Summary:
     def add(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             self.counts[outcome.outcome] += 1
-            if outcome.outcome in ("quarantined", "left") and len(self.problems) < _SHOWN:
+            if outcome.outcome not in ("quarantined", "left"):
+                continue
+            if len(self.problems) < _SHOWN:
                 self.problems.append(outcome)
+            key = (outcome.outcome, outcome.detail)
+            if key in self.reasons or len(self.reasons) < _REASONS_KEPT:
+                self.reasons[key] += 1
+                self.examples.setdefault(key, outcome.source)
 
     @property
     def total(self) -> int:
@@ -115,6 +124,33 @@ class Summary:
         if self.counts["quarantined"] or self.counts["left"] or self.unreadable or self.served:
             return EXIT_NOT_ALL
         return EXIT_OK
+
+    def _reasons(self, cfg: Config, dry_run: bool) -> list[str]:
+        """One line for each distinct reason a file was not sorted, with how many files had
+        it (a tree no one may write in gives the same reason for every file)."""
+        lines = []
+        shown: Counter = Counter()
+        for (outcome, reason), count in self.reasons.most_common(_SHOWN):
+            example = printable(self.examples[outcome, reason])
+            if count == 1:
+                lines.append(f"    {outcome}: {example}: {printable(reason)}")
+            else:
+                lines.append(f"    {outcome} ({count} files, e.g. {example}): {printable(reason)}")
+            shown[outcome] += count
+        hidden = {o: self.counts[o] - shown[o] for o in ("quarantined", "left") if self.counts[o] > shown[o]}
+        if hidden:
+            files = sum(hidden.values())
+            where = []
+            if dry_run:
+                where.append("each is listed above")
+            else:
+                if "quarantined" in hidden:
+                    where.append(f"the .reason.txt beside each quarantined file in {cfg.quarantine_dir}")
+                if "left" in hidden:
+                    where.append("`dumpwatch where NAME` for each file left in place")
+            lines.append(f"    ... and {files} more file{'s' if files != 1 else ''} with other reasons: "
+                         + " or ".join(where))
+        return lines
 
     def render(self, cfg: Config, dry_run: bool) -> str:
         rate = self.total / self.elapsed if self.elapsed > 0 else 0.0
@@ -131,11 +167,7 @@ class Summary:
             lines.append(f"  {key:<12}{self.counts[key]:>7}  {note if self.counts[key] else ''}".rstrip())
         if self.counts["gone"]:
             lines.append(f"  {'vanished':<12}{self.counts['gone']:>7}  {verb} removed by something else while sorting")
-        for problem in self.problems:
-            lines.append(f"    {problem.outcome}: {printable(problem.source)}: {printable(problem.detail)}")
-        hidden = self.counts["quarantined"] + self.counts["left"] - len(self.problems)
-        if hidden > 0:
-            lines.append(f"    ... and {hidden} more: see `dumpwatch where NAME` or the .reason.txt files")
+        lines += self._reasons(cfg, dry_run)
         for folder in self.unreadable:
             lines.append(f"  cannot list {printable(folder)}")
         for folder in self.served:
