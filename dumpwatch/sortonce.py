@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumpwatch.config import Config
+from dumpwatch.errors import ConfigError
 from dumpwatch.journal import printable
 from dumpwatch.pipeline import Outcome, Sorter, chunked
 from dumpwatch.watcher import LOCK_NAME, read_lock
@@ -88,6 +90,36 @@ def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, in
         stack.extend(reversed(folders))
 
 
+def probe_writable(folder: Path, what: str) -> None:
+    """Raise ConfigError unless dumpwatch could write in folder, or make it if it is missing:
+    a folder is made where it would be, and removed at once. No permission bit tells it all
+    (root passes them, but not a read-only mount, nor /proc or /sys)."""
+    path = Path(os.path.abspath(folder))
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be made: {existing} is not a folder")
+    verb = "written in" if existing == path else "made"
+    try:
+        probe = tempfile.mkdtemp(prefix=".dumpwatch-dry-run-", dir=existing)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be {verb}: {exc.strerror or exc}"
+                          + ("" if existing == path else f" (in {existing})")) from None
+    os.rmdir(probe)
+
+
+def check_dry_run(cfg: Config) -> None:
+    """What a dry run changes nothing to learn: that the real run could make the sorted tree,
+    its state folder and the journal. Raises ConfigError naming what it could not."""
+    assert cfg.dir_out is not None and cfg.state_dir is not None and cfg.journal_path is not None
+    probe_writable(cfg.dir_out, "the sorted tree")
+    if os.path.isdir(cfg.state_dir):
+        probe_writable(cfg.state_dir, "the state folder")
+    if not str(os.path.abspath(cfg.journal_path)).startswith(os.path.abspath(cfg.state_dir) + os.sep):
+        probe_writable(cfg.journal_path.parent, "the journal's folder")
+
+
 @dataclass
 class Summary:
     """Counts of outcomes, and of the reasons of files not sorted, for the report at the end."""
@@ -98,6 +130,7 @@ class Summary:
     examples: dict[tuple[str, str], str] = field(default_factory=dict)  # (outcome, reason) -> its first file
     unreadable: list[str] = field(default_factory=list)
     served: list[str] = field(default_factory=list)  # dumps a running serve sorts: skipped
+    notes: list[str] = field(default_factory=list)  # what a dry run found a real run would meet
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
 
@@ -172,6 +205,8 @@ class Summary:
             lines.append(f"  cannot list {printable(folder)}")
         for folder in self.served:
             lines.append(f"  skipped {printable(folder)}: dumpwatch serve is watching it and sorts it itself")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; the files not handled are still in place: "
                          "run it again to finish")
@@ -188,7 +223,10 @@ def sort_dir(
     progress: Callable[[int], None] | None = None,
     count_first: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Sort every file below root into cfg.dir_out. Never follows a symlink."""
+    """Sort every file below root into cfg.dir_out. Never follows a symlink. A dry run first
+    checks that a real one could write the tree (ConfigError if not)."""
+    if dry_run:
+        check_dry_run(cfg)
     summary = Summary()
     started = time.perf_counter()
     with Sorter(cfg, copy=copy, dry_run=dry_run) as sorter:
@@ -223,5 +261,10 @@ def sort_dir(
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
         sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
+    if dry_run and summary.counts["quarantined"] and cfg.quarantine_dir is not None:
+        try:
+            probe_writable(cfg.quarantine_dir, "the quarantine")
+        except ConfigError as exc:
+            summary.notes.append(f"{exc}: a real run would leave the files it would quarantine in place")
     summary.elapsed = time.perf_counter() - started
     return summary

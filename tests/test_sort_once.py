@@ -204,6 +204,31 @@ def test_dry_run_changes_nothing(dump, out, tmp_path):
     assert "403 files in" in result.output and "dry run, nothing changed" in result.output
 
 
+@pytest.mark.parametrize("out", ["/proc/dumpwatch-test", "/sys/dumpwatch-test", "a-file/below"])
+def test_a_dry_run_says_when_the_tree_could_not_be_written(dump, tmp_path, out):
+    """A dry run changes nothing, but checks that a real run could make the tree: "403 into
+    /proc/x" was no answer. Even root cannot make a folder in /proc or /sys."""
+    (tmp_path / "a-file").write_text("not a folder\n")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    result = run("sort-once", str(dump), "--out", target, "--quarantine", str(tmp_path / "q"), "--dry-run")
+    assert result.exit_code == 1, result.output
+    said = f"Error: the sorted tree {target} cannot be made: "
+    if out.startswith("/"):  # the kernel's reason: ENOENT in /proc, EPERM in /sys for root
+        assert re.fullmatch(re.escape(said) + rf"[^\n]+ \(in /{out.split('/')[1]}\)\n", result.output)
+    else:
+        assert result.output == f"{said}{tmp_path / 'a-file'} is not a folder\n"
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "dump"]
+
+
+def test_a_dry_run_into_a_tree_it_may_write_makes_no_trace(dump, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = os.listdir(out)
+    result = run("sort-once", str(dump), "--out", str(out), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert os.listdir(out) == before == []
+
+
 def test_a_tree_no_one_may_write_in_is_one_line_per_reason_not_per_file(testdata):
     """sort-once as a user who may not write in the tree: every file is left in place for the
     same reason. That is said once, with the count, not as an ERROR line per file; and the
