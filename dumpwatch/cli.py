@@ -22,6 +22,7 @@ from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
 from dumpwatch.pipeline import Outcome
 from dumpwatch.rules import RULES_DIR, load_layer
+from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
 from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
@@ -36,8 +37,9 @@ class Options:
     verbose: int
 
 
-def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) -> None:
-    """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v."""
+def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, per_file: bool = True) -> None:
+    """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v,
+    and records about one file's outcome (pipeline.PER_FILE) only if per_file or -v."""
     quiet_pydicom()
     root = logging.getLogger("dumpwatch")
     for handler in [h for h in root.handlers if getattr(h, "dumpwatch", False)]:
@@ -48,6 +50,8 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR) 
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(stderr_level if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
     stderr.setFormatter(form)
+    if not per_file and not verbose:
+        stderr.addFilter(lambda record: not getattr(record, "per_file", False))
     stderr.dumpwatch = True  # type: ignore[attr-defined]
     root.addHandler(stderr)
     if cfg.fname_log is not None:
@@ -82,6 +86,18 @@ def reopen_log() -> None:
         log.info("SIGHUP: no log file to reopen (fname_log is not set); going on")
 
 
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Options).config = value
+
+
+def config_option(command):
+    """--config after the command's name too (`dumpwatch status --config FILE`), meaning what
+    it means before it; given both ways, the later one counts."""
+    return click.option("--config", metavar="FILE", expose_value=False, callback=_remember_config,
+                        help="Configuration file (else $DUMPWATCH_CONFIG, else ./dumpwatch.cfg).")(command)
+
+
 def _config(options: Options) -> Config:
     try:
         return load_config(options.config)
@@ -101,6 +117,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 
 @cli.command("sort-once")
+@config_option
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
 @click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
@@ -142,7 +159,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         check_layout(cfg)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    setup_logging(cfg, options.verbose)
+    setup_logging(cfg, options.verbose, per_file=False)  # the summary counts them by reason
 
     bar = None
     show_bar = sys.stderr.isatty() and not dry_run
@@ -183,6 +200,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
 
 
 @cli.command("serve")
+@config_option
 @click.pass_obj
 def serve_command(options: Options) -> None:
     """Watch dir_dump and sort each file storescp finishes, until SIGTERM or Ctrl-C.
@@ -241,6 +259,7 @@ def serve_command(options: Options) -> None:
 
 
 @cli.command("status")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for monitoring.")
 @click.pass_obj
 def status_command(options: Options, as_json: bool) -> None:
@@ -253,6 +272,7 @@ def status_command(options: Options, as_json: bool) -> None:
 
 
 @cli.command("config-value")
+@config_option
 @click.argument("keys", nargs=-1, required=True)
 @click.pass_obj
 def config_value(options: Options, keys: tuple[str, ...]) -> None:
@@ -277,6 +297,7 @@ def config_value(options: Options, keys: tuple[str, ...]) -> None:
 
 
 @cli.command("check-rules")
+@config_option
 @click.pass_obj
 def check_rules(options: Options) -> None:
     """Check every rule layer in rules_dir and the configured anon_profile; print what the
@@ -305,6 +326,7 @@ def check_rules(options: Options) -> None:
 
 
 @cli.command("check-config")
+@config_option
 @click.pass_obj
 def check_config(options: Options) -> None:
     """Check the configuration file and print the configuration in effect."""
@@ -319,6 +341,7 @@ def check_config(options: Options) -> None:
 
 
 @cli.command("where")
+@config_option
 @click.argument("term")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
 @click.pass_obj
@@ -361,6 +384,84 @@ def where(options: Options, term: str, out: Path | None) -> None:
         why = f"  ({row['reason']})" if row["reason"] else ""
         click.echo(f"{row['time']}  {row['outcome']}{state}  {row['source'] or ''}"
                    + (f" -> {target}" if target else "") + why)
+
+
+@cli.command("send")
+@config_option
+@click.argument("folder", type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="The receiver's host name or address.")
+@click.option("--port", type=click.IntRange(1, 65535), help="The receiver's port (else port in the configuration).")
+@click.option("--aec", metavar="AET",
+              help="The receiver's AE title, the called one (else AETitle in the configuration).")
+@click.option("--aet", metavar="AET", default="DUMPWATCH_SEND", show_default=True,
+              help="Our AE title, the calling one.")
+@click.pass_obj
+def send_command(options: Options, folder: Path, host: str, port: int | None, aec: str | None, aet: str) -> None:
+    """Send every DICOM file below FOLDER to a DICOM receiver (with DCMTK's storescu).
+
+    Each file is offered in its own SOP class and transfer syntax (compressed and private
+    ones too), so that a receiver that takes them all, as dumpwatch's storescp does, is
+    refused nothing. Files that are not DICOM are skipped and counted; symlinks are not
+    followed. Exit status 0 when every DICOM file was stored, 1 when any was not.
+
+    \b
+    Example:
+        dumpwatch send /media/cdrom --host 10.0.0.5 --port 11112 --aec MRI_SORT
+    """
+    if port is None or aec is None:
+        cfg = _config(options)
+        port = cfg.port if port is None else port
+        aec = cfg.aetitle if aec is None else aec
+    receiver = Receiver(host, port, aec, aet)
+    try:
+        check_receiver(receiver)
+    except SendError as exc:
+        raise click.UsageError(str(exc)) from None
+    quiet_pydicom()  # odd but readable headers are sent as they are
+    root = Path(os.path.abspath(folder))
+    base = root if root.is_dir() else root.parent
+
+    def shown(path: str) -> str:
+        return printable(os.path.relpath(path, base))
+
+    listing = list_folder(root)
+
+    def say_skipped() -> None:
+        for why, count in listing.skipped.items():
+            click.echo(f"  skipped   {count:>6}  {why}, e.g. {shown(listing.examples[why])}")
+
+    if not listing.items and not listing.unsendable:
+        say_skipped()
+        raise click.ClickException(f"no DICOM file below {printable(str(root))}: nothing sent")
+    for path, why in listing.unsendable:
+        click.echo(f"not sent  {shown(path)}: {why}")
+    association: dict[str, int] = {}  # why a whole run failed -> files: said once, not per file
+
+    def report(result: Result) -> None:
+        if result.sent:
+            if options.verbose:
+                click.echo(f"sent      {shown(result.item.path)}" + (f" ({result.warning})" if result.warning else ""))
+        elif result.reason.startswith("storescu could not send to "):
+            association[result.reason] = association.get(result.reason, 0) + 1
+        else:
+            click.echo(f"not sent  {shown(result.item.path)}: {result.reason}")
+
+    try:
+        outcome = send(listing.items, receiver, report)
+    except SendError as exc:
+        raise click.ClickException(str(exc)) from None
+    runs = f"{outcome.runs} association{'s' if outcome.runs != 1 else ''}"
+    click.echo(f"{len(outcome.delivered)} of {len(listing.items) + len(listing.unsendable)} DICOM files sent to "
+               f"{receiver} in {outcome.elapsed:.1f} s ({runs})")
+    for why, count in association.items():
+        click.echo(f"  not sent  {count:>6}  {why}")
+    refused = len(outcome.failed) - sum(association.values())
+    if refused:
+        click.echo(f"  not sent  {refused:>6}  refused by the receiver or by storescu (each named above)")
+    if listing.unsendable:
+        click.echo(f"  not sent  {len(listing.unsendable):>6}  could not be read or cannot be sent (each named above)")
+    say_skipped()
+    sys.exit(0 if not outcome.failed and not listing.unsendable else EXIT_ERROR)
 
 
 def main() -> None:

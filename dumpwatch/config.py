@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydicom.datadict import keyword_dict
 
-from dumpwatch.errors import ConfigError
+from dumpwatch.errors import ConfigError, ConfigErrors
 from dumpwatch.keys import load_subjects
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.rules import RULES_DIR, Profile, find_layer, load_profile
@@ -361,7 +361,8 @@ _INLINE_COMMENT = re.compile(r"\s+#.*$")
 
 
 def read_config(path: Path) -> Config:
-    """Parse one configuration file. Errors name the file, the line and the key."""
+    """Parse one configuration file. Errors name the file, the line and the key; every
+    mistake in the file is reported at once (ConfigErrors), not only the first."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -374,6 +375,10 @@ def read_config(path: Path) -> Config:
     unused: list[str] = []
     anon: list[int] = []
     in_anon = False
+    errors: list[ConfigError] = []
+
+    def mistake(message: str, line: int | None = None, key: str | None = None) -> None:
+        errors.append(ConfigError(message, path, line, key))
 
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.rstrip()
@@ -382,33 +387,37 @@ def read_config(path: Path) -> Config:
             continue
         if line[0].isspace():
             if not in_anon:
-                raise ConfigError(
-                    "an indented line belongs below an anon_fields line", path, number
-                )
+                mistake("an indented line belongs below an anon_fields line", number)
+                continue
             tag_text = _INLINE_COMMENT.sub("", stripped).split()[0]
             tag = _parse_tag(tag_text)
             if tag is None:
-                raise ConfigError(f"not a tag such as 0010,0010: {tag_text!r}", path, number, "anon_fields")
-            anon.append(tag)
+                mistake(f"not a tag such as 0010,0010: {tag_text!r}", number, "anon_fields")
+            else:
+                anon.append(tag)
             continue
         in_anon = False
         match = _KEY_LINE.fullmatch(stripped)
         if not match:
-            raise ConfigError("expected 'key = value'", path, number)
+            mistake("expected 'key = value'", number)
+            continue
         key, value = match[1].lower(), match[2]
         if key in seen:
-            raise ConfigError(f"given twice (first on line {seen[key]})", path, number, key)
+            mistake(f"given twice (first on line {seen[key]})", number, key)
+            continue
         seen[key] = number
         if key == "anon_fields":
             in_anon = True
             for tag_text in _INLINE_COMMENT.sub("", value or "").replace(";", " ").split():
                 tag = _parse_tag(tag_text)
                 if tag is None:
-                    raise ConfigError(f"not a tag such as 0010,0010: {tag_text!r}", path, number, key)
-                anon.append(tag)
+                    mistake(f"not a tag such as 0010,0010: {tag_text!r}", number, key)
+                else:
+                    anon.append(tag)
             continue
         if value is None:
-            raise ConfigError("expected 'key = value'", path, number, key)
+            mistake("expected 'key = value'", number, key)
+            continue
         value = _INLINE_COMMENT.sub("", value).strip()
         if key in LEGACY_UNUSED:
             unused.append(match[1])  # as the file spells it
@@ -417,16 +426,19 @@ def read_config(path: Path) -> Config:
         if spec is None:
             close = difflib.get_close_matches(key, list(KEYS) + ["anon_fields"], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key{hint}", path, number, key)
+            mistake(f"unknown key{hint}", number, key)
+            continue
         if value == "":
             if spec.blank_ok:
                 values[key] = None
-                continue
-            raise ConfigError("needs a value", path, number, key)
+            else:
+                mistake("needs a value", number, key)
+            continue
         try:
             parsed = spec.parse(value)
         except (ValueError, ConfigError) as exc:
-            raise ConfigError(str(exc), path, number, key) from None
+            mistake(str(exc), number, key)
+            continue
         if spec.kind == "path":
             parsed = base / Path(os.path.expanduser(str(parsed)))
             parsed = Path(os.path.normpath(parsed))
@@ -438,13 +450,21 @@ def read_config(path: Path) -> Config:
     if "anon_profile" in values:
         names = values["anon_profile"]
         rules_dir = values.get("rules_dir") or RULES_DIR
-        for name in names:  # type: ignore[union-attr]
-            if not find_layer(name, rules_dir, base).is_file():  # type: ignore[arg-type]
-                raise ConfigError(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
-                                  path, seen["anon_profile"], "anon_profile")
-        profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
+        missing = [name for name in names  # type: ignore[union-attr]
+                   if not find_layer(name, rules_dir, base).is_file()]  # type: ignore[arg-type]
+        for name in missing:
+            mistake(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
+                    seen["anon_profile"], "anon_profile")
+        if not missing:
+            try:
+                profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
+            except ConfigError as exc:  # a mistake in a rule layer: named by its own file and line
+                errors.append(exc)
     if values.get("anon_subjects"):
-        subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
+        try:
+            subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
+        except ConfigError as exc:
+            errors.append(exc)
     cfg = Config(
         path=path,
         anon_fields=anon_fields,
@@ -454,5 +474,12 @@ def read_config(path: Path) -> Config:
         subjects=subjects,
         **values,  # type: ignore[arg-type]
     )
-    check_layout(cfg)
+    try:
+        check_layout(cfg)  # on the keys that were read well
+    except ConfigError as exc:
+        errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     return cfg

@@ -25,3 +25,14 @@ class ConfigError(Exception):
         if key:
             where += f"{key}: "
         super().__init__(where + message)
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes in one configuration file: each on a line of its own, in the file's
+    order, each naming the file, line and key."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = errors
+        first = errors[0]
+        Exception.__init__(self, "\n".join(str(error) for error in errors))
+        self.path, self.line, self.key = first.path, first.line, first.key

@@ -45,6 +45,9 @@ from dumpwatch.state import StateFolder
 from dumpwatch.tree import Decision, Tree
 
 log = logging.getLogger(__name__)
+# A log record about one file's outcome, which sort-once's summary also gives (counted by
+# reason): sort-once keeps such records off stderr unless -v; serve and log files keep them.
+PER_FILE = {"per_file": True}
 
 _TRANSIENT = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOLCK}
 
@@ -532,7 +535,8 @@ class Sorter:
             except (OSError, Rejected, _NotPlaced) as exc:
                 outcome, reason = exc.args if isinstance(exc, _NotPlaced) else (
                     "left", _reason(exc, plan.entry.dest, str(self.cfg.dir_out), None if item.staged else item.source))
-                log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason)
+                log.error("%s %s: not placed at %s: %s", outcome, self.job.shown(item.source), plan.entry.dest, reason,
+                          extra=PER_FILE)
                 self.tree.forget(decision.folder)
                 self._unstage(item)
                 undone.append((plan, outcome, reason))
@@ -572,7 +576,7 @@ class Sorter:
                         # In the tree, yet still in the dump (a dump shared with the sticky bit,
                         # a file of another user): say so and go on; a person must remove it.
                         reason = f"in the tree at {plan.entry.dest}, but it cannot be removed from here: {problem}"
-                        log.error("%s: %s", self.job.shown(item.source), reason)
+                        log.error("%s: %s", self.job.shown(item.source), reason, extra=PER_FILE)
                         stuck.append(Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason))
                         if decision.outcome == "duplicate" or decision.already:
                             forgotten.append(plan.entry.id)  # nothing new happened to it
@@ -646,7 +650,7 @@ class Sorter:
                 if err not in (errno.ENOSYS, errno.EINVAL):
                     reason = f"cannot write it to disk: {os.strerror(err)}"
                     log.error("syncing the filesystem of %s failed: %s", os.path.dirname(group[0].source),
-                              os.strerror(err))
+                              os.strerror(err), extra=PER_FILE)
                     failed.update((item.source, ("left", reason)) for item in group)
                     continue
             for item in group:  # no syncfs: one file at a time
@@ -775,7 +779,7 @@ class Sorter:
                 else:
                     self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256,
                                                reason=entry.reason)])
-                log.error("left %s in place: %s", self.job.shown(item.source), entry.reason)
+                log.error("left %s in place: %s", self.job.shown(item.source), entry.reason, extra=PER_FILE)
                 return Outcome(item.source, "left", entry.reason)
             finally:
                 os.close(reason_fd)
@@ -788,7 +792,7 @@ class Sorter:
         return Outcome(item.source, "quarantined", item.reason)
 
     def _left(self, item: Failed, reason: str) -> Outcome:
-        log.error("left %s in place: %s", self.job.shown(item.source), reason)
+        log.error("left %s in place: %s", self.job.shown(item.source), reason, extra=PER_FILE)
         if self.journal is not None:
             self.journal.record([Entry("left", item.source, item.sop_uid, sha256=item.sha256, reason=reason)])
         return Outcome(item.source, "left", reason)

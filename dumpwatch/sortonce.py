@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumpwatch.config import Config
+from dumpwatch.errors import ConfigError
 from dumpwatch.journal import printable
 from dumpwatch.pipeline import Outcome, Sorter, chunked
 from dumpwatch.watcher import LOCK_NAME, read_lock
@@ -21,7 +23,8 @@ from dumpwatch.workers import Workers
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_ALL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_SHOWN = 20  # problems listed one by one in the summary
+_SHOWN = 20  # distinct reasons listed in the summary
+_REASONS_KEPT = 1000  # distinct reasons counted; files with others are counted without theirs
 
 
 def folder_id(path: Path | str | None) -> tuple[int, int] | None:
@@ -87,22 +90,61 @@ def walk(root: Path, skip: set, unreadable: list[str], quarantine: tuple[int, in
         stack.extend(reversed(folders))
 
 
+def probe_writable(folder: Path, what: str) -> None:
+    """Raise ConfigError unless dumpwatch could write in folder, or make it if it is missing:
+    a folder is made where it would be, and removed at once. No permission bit tells it all
+    (root passes them, but not a read-only mount, nor /proc or /sys)."""
+    path = Path(os.path.abspath(folder))
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be made: {existing} is not a folder")
+    verb = "written in" if existing == path else "made"
+    try:
+        probe = tempfile.mkdtemp(prefix=".dumpwatch-dry-run-", dir=existing)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be {verb}: {exc.strerror or exc}"
+                          + ("" if existing == path else f" (in {existing})")) from None
+    os.rmdir(probe)
+
+
+def check_dry_run(cfg: Config) -> None:
+    """What a dry run changes nothing to learn: that the real run could make the sorted tree,
+    its state folder and the journal. Raises ConfigError naming what it could not."""
+    assert cfg.dir_out is not None and cfg.state_dir is not None and cfg.journal_path is not None
+    probe_writable(cfg.dir_out, "the sorted tree")
+    if os.path.isdir(cfg.state_dir):
+        probe_writable(cfg.state_dir, "the state folder")
+    if not str(os.path.abspath(cfg.journal_path)).startswith(os.path.abspath(cfg.state_dir) + os.sep):
+        probe_writable(cfg.journal_path.parent, "the journal's folder")
+
+
 @dataclass
 class Summary:
-    """Counts of outcomes and the first few problems, for the report at the end."""
+    """Counts of outcomes, and of the reasons of files not sorted, for the report at the end."""
 
     counts: Counter = field(default_factory=Counter)
-    problems: list[Outcome] = field(default_factory=list)
+    problems: list[Outcome] = field(default_factory=list)  # the first few files not sorted
+    reasons: Counter = field(default_factory=Counter)  # (outcome, reason) -> files
+    examples: dict[tuple[str, str], str] = field(default_factory=dict)  # (outcome, reason) -> its first file
     unreadable: list[str] = field(default_factory=list)
     served: list[str] = field(default_factory=list)  # dumps a running serve sorts: skipped
+    notes: list[str] = field(default_factory=list)  # what a dry run found a real run would meet
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
 
     def add(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             self.counts[outcome.outcome] += 1
-            if outcome.outcome in ("quarantined", "left") and len(self.problems) < _SHOWN:
+            if outcome.outcome not in ("quarantined", "left"):
+                continue
+            if len(self.problems) < _SHOWN:
                 self.problems.append(outcome)
+            key = (outcome.outcome, outcome.detail)
+            if key in self.reasons or len(self.reasons) < _REASONS_KEPT:
+                self.reasons[key] += 1
+                self.examples.setdefault(key, outcome.source)
 
     @property
     def total(self) -> int:
@@ -115,6 +157,33 @@ class Summary:
         if self.counts["quarantined"] or self.counts["left"] or self.unreadable or self.served:
             return EXIT_NOT_ALL
         return EXIT_OK
+
+    def _reasons(self, cfg: Config, dry_run: bool) -> list[str]:
+        """One line for each distinct reason a file was not sorted, with how many files had
+        it (a tree no one may write in gives the same reason for every file)."""
+        lines = []
+        shown: Counter = Counter()
+        for (outcome, reason), count in self.reasons.most_common(_SHOWN):
+            example = printable(self.examples[outcome, reason])
+            if count == 1:
+                lines.append(f"    {outcome}: {example}: {printable(reason)}")
+            else:
+                lines.append(f"    {outcome} ({count} files, e.g. {example}): {printable(reason)}")
+            shown[outcome] += count
+        hidden = {o: self.counts[o] - shown[o] for o in ("quarantined", "left") if self.counts[o] > shown[o]}
+        if hidden:
+            files = sum(hidden.values())
+            where = []
+            if dry_run:
+                where.append("each is listed above")
+            else:
+                if "quarantined" in hidden:
+                    where.append(f"the .reason.txt beside each quarantined file in {cfg.quarantine_dir}")
+                if "left" in hidden:
+                    where.append("`dumpwatch where NAME` for each file left in place")
+            lines.append(f"    ... and {files} more file{'s' if files != 1 else ''} with other reasons: "
+                         + " or ".join(where))
+        return lines
 
     def render(self, cfg: Config, dry_run: bool) -> str:
         rate = self.total / self.elapsed if self.elapsed > 0 else 0.0
@@ -131,15 +200,13 @@ class Summary:
             lines.append(f"  {key:<12}{self.counts[key]:>7}  {note if self.counts[key] else ''}".rstrip())
         if self.counts["gone"]:
             lines.append(f"  {'vanished':<12}{self.counts['gone']:>7}  {verb} removed by something else while sorting")
-        for problem in self.problems:
-            lines.append(f"    {problem.outcome}: {printable(problem.source)}: {printable(problem.detail)}")
-        hidden = self.counts["quarantined"] + self.counts["left"] - len(self.problems)
-        if hidden > 0:
-            lines.append(f"    ... and {hidden} more: see `dumpwatch where NAME` or the .reason.txt files")
+        lines += self._reasons(cfg, dry_run)
         for folder in self.unreadable:
             lines.append(f"  cannot list {printable(folder)}")
         for folder in self.served:
             lines.append(f"  skipped {printable(folder)}: dumpwatch serve is watching it and sorts it itself")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; the files not handled are still in place: "
                          "run it again to finish")
@@ -156,7 +223,10 @@ def sort_dir(
     progress: Callable[[int], None] | None = None,
     count_first: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Sort every file below root into cfg.dir_out. Never follows a symlink."""
+    """Sort every file below root into cfg.dir_out. Never follows a symlink. A dry run first
+    checks that a real one could write the tree (ConfigError if not)."""
+    if dry_run:
+        check_dry_run(cfg)
     summary = Summary()
     started = time.perf_counter()
     with Sorter(cfg, copy=copy, dry_run=dry_run) as sorter:
@@ -191,5 +261,10 @@ def sort_dir(
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
         sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
+    if dry_run and summary.counts["quarantined"] and cfg.quarantine_dir is not None:
+        try:
+            probe_writable(cfg.quarantine_dir, "the quarantine")
+        except ConfigError as exc:
+            summary.notes.append(f"{exc}: a real run would leave the files it would quarantine in place")
     summary.elapsed = time.perf_counter() - started
     return summary

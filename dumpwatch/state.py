@@ -55,6 +55,8 @@ def _open_folder(parent_fd: int, name: str, path: Path, what: str, mode: int, gi
             os.mkdir(name, 0o700, dir_fd=parent_fd)
         except FileExistsError:
             pass
+        except OSError as exc:  # named by its whole path, not by the bare name given to mkdir
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         else:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
             set_owner_mode(fd, mode, gid)

@@ -55,6 +55,24 @@ def _start_worker(job: Job, parent: int, nice: int) -> None:
     quiet_pydicom()
 
 
+def _fork_context(processes: list) -> multiprocessing.context.BaseContext:
+    """The fork context, whose worker processes are also listed in `processes`.
+
+    The pool's own list of its processes is private; this way dumpwatch learns through the
+    public API (the executor's mp_context, Process.exitcode) whether a worker died, and how,
+    even one that died idle, with no future to fail."""
+    fork = multiprocessing.get_context("fork")
+
+    class Process(fork.Process):  # type: ignore[name-defined,misc]
+        def start(self) -> None:
+            super().start()
+            processes.append(self)
+
+    context = type(fork)()
+    context.Process = Process  # type: ignore[misc]
+    return context
+
+
 def _prepare_chunk(paths: list[str]) -> list[Result]:
     assert _job is not None
     return [prepare(path, _job) for path in paths]
@@ -80,6 +98,8 @@ class Workers:
         self.nice = nice
         self.suspects = Suspects(state, job.anonymiser.key if job.anonymiser else None)
         self.pool: ProcessPoolExecutor | None = None
+        self.processes: list[multiprocessing.Process] = []  # the pool's worker processes
+        self._broken = False  # a future or a submit failed with BrokenProcessPool
         if count > 1 or always_pool:
             self._start()
 
@@ -88,10 +108,12 @@ class Workers:
         # before any thread exists in this process, except for a fresh pool after a worker
         # died (serve's watcher runs then: the workers need only logging, which re-makes its
         # locks after a fork, and pydicom).
-        self.pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"),
+        self.processes = []
+        self._broken = False
+        self.pool = ProcessPoolExecutor(self.count, mp_context=_fork_context(self.processes),
                                         initializer=_start_worker, initargs=(self.job, os.getpid(), self.nice))
         if self.always_pool:  # start the workers now, not with the first file
-            self.pool.submit(int).result()
+            self._submit(int).result()
 
     def run(self, chunks: Iterable[list[str]]) -> Iterator[list[Result]]:
         """Results chunk by chunk, as they complete; at most a few chunks are in flight."""
@@ -155,7 +177,7 @@ class Workers:
         failpoints.hit("alone", path)
         assert self.pool is not None
         try:
-            result = self.pool.submit(_prepare_chunk, [path]).result()[0]
+            result = self._submit(_prepare_chunk, [path]).result()[0]
         except BrokenProcessPool:
             how = self.death()
             log.error("%s stopped its reading process again, alone (%s): to the quarantine",
@@ -167,10 +189,9 @@ class Workers:
 
     def death(self) -> str:
         """How the worker process that broke the pool ended, e.g. "killed by signal 9, SIGKILL"."""
-        processes = list((getattr(self.pool, "_processes", None) or {}).values())
         for _ in range(100):  # the pool's own thread may be reaping it at this moment
-            for process in processes:
-                code = process.exitcode
+            for process in list(self.processes):
+                code = _exitcode(process)
                 if code:
                     return _ended(code)
             time.sleep(0.01)
@@ -184,14 +205,33 @@ class Workers:
 
     @property
     def broken(self) -> bool:
-        """True once a worker process has died: the pool takes no more work."""
-        return bool(getattr(self.pool, "_broken", False))  # CPython's executor marks itself so
+        """True once a worker process has died: the pool takes no more work. Seen by a future
+        or a submit that failed with BrokenProcessPool, or by a worker's exit status (one
+        that died idle)."""
+        if self.pool is None:
+            return False
+        if not self._broken and any(_exitcode(p) is not None for p in list(self.processes)):
+            self._broken = True
+        return self._broken
+
+    def _failed(self, future: Future) -> None:
+        if not future.cancelled() and isinstance(future.exception(), BrokenProcessPool):
+            self._broken = True
 
     def submit(self, chunk: list[str]) -> Future:
         """prepare() the chunk in a worker process; the future holds its results. Raises
         BrokenProcessPool once a worker has died: see retry_alone."""
+        return self._submit(_prepare_chunk, chunk)
+
+    def _submit(self, function, *args) -> Future:
         assert self.pool is not None
-        return self.pool.submit(_prepare_chunk, chunk)
+        try:
+            future = self.pool.submit(function, *args)
+        except BrokenProcessPool:
+            self._broken = True
+            raise
+        future.add_done_callback(self._failed)
+        return future
 
     def close(self) -> None:
         if self.pool is not None:
@@ -199,9 +239,8 @@ class Workers:
                 # A worker died: the executor ends the others with SIGTERM, which workers
                 # ignore (the parent decides when they stop). They hold nothing that needs
                 # a clean end (their staged copies are removed at the next start): kill them.
-                processes = getattr(self.pool, "_processes", None) or {}
-                for process in list(processes.values()):
-                    if process.is_alive():
+                for process in list(self.processes):
+                    if _exitcode(process) is None:
                         process.kill()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -211,6 +250,14 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exitcode(process: multiprocessing.Process) -> int | None:
+    """The process's exit status, None while it runs (or if its object was closed)."""
+    try:
+        return process.exitcode
+    except ValueError:  # closed by its pool once it was joined
+        return None
 
 
 def _ended(code: int) -> str:

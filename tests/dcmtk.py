@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 
+from dumpwatch.send import Item, read_item, write_profile
 from dumpwatch.status import listening
 from dumpwatch.watcher import read_lock
 
@@ -131,25 +131,13 @@ class Serve:
 
 
 def storescu_config(files: Iterable[Path], path: Path) -> Path:
-    """An association profile proposing each file's SOP class in its transfer syntax.
-
-    storescu refuses SOP classes it does not know (Siemens' private CSA non-image storage)
-    unless a profile names them.
-    """
-    pairs = set()
-    for file in files:
-        meta = dcmread(file, stop_before_pixels=True).file_meta
-        pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-    syntaxes = sorted({ts for _, ts in pairs})
-    lines = ["[[TransferSyntaxes]]"]
-    for number, ts in enumerate(syntaxes):
-        lines += [f"[TS{number}]", f"TransferSyntax1 = {ts}"]
-    lines += ["[[PresentationContexts]]", "[Contexts]"]
-    for number, (sop, ts) in enumerate(sorted(pairs), start=1):
-        lines.append(f"PresentationContext{number} = {sop}\\TS{syntaxes.index(ts)}")
-    lines += ["[[Profiles]]", "[Default]", "PresentationContexts = Contexts"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """The association profile `dumpwatch send` gives storescu: each file's SOP class in its
+    transfer syntax (storescu refuses SOP classes it does not know, such as Siemens' private
+    CSA non-image storage, unless a profile names them)."""
+    items = [read_item(str(file)) for file in files]
+    unsendable = [found for found in items if not isinstance(found, Item)]
+    assert not unsendable, unsendable
+    return write_profile(items, path)
 
 
 def storescu(port: int, files: list[Path], work: Path, wait: bool = True,

@@ -107,6 +107,26 @@ def test_mistakes_name_the_file_line_and_key(tmp_path, text, line, message):
     assert f"Error: {path}:{line}: " in result.output
 
 
+def test_every_mistake_is_reported_not_only_the_first(tmp_path):
+    path = write(tmp_path, "port = four\nprot = 11\nAETitle = A_TITLE_LONGER_THAN_16\nport = 5\n    0010,0010\n"
+                           "workers = 2\ndir_out = out\ndir_quarantine = out/q\n")
+    expected = [
+        f"{path}:1: port: not a whole number: 'four'",
+        f"{path}:2: prot: unknown key (did you mean 'port'?)",
+        f"{path}:3: aetitle: an AE title has 1 to 16 characters, 'A_TITLE_LONGER_THAN_16' has 22",
+        f"{path}:4: port: given twice (first on line 1)",
+        f"{path}:5: an indented line belongs below an anon_fields line",
+        f"{path}: dir_quarantine: {tmp_path / 'out' / 'q'} is inside the sorted tree {tmp_path / 'out'}; "
+        "choose a folder outside it",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        read_config(path)
+    assert str(caught.value).splitlines() == expected
+    result = run("check-config", "--config", str(path))
+    assert result.exit_code == 1
+    assert result.output.splitlines() == ["Error: " + expected[0], *expected[1:]]
+
+
 def test_keys_are_case_insensitive_comments_and_blank_lines_allowed(tmp_path):
     cfg = read_config(write(tmp_path, "# comment\n\nPORT = 104   # the scanner's port\nAeTitle=MRI_3T\n"))
     assert (cfg.port, cfg.aetitle) == (104, "MRI_3T")
@@ -152,3 +172,23 @@ def test_config_is_found_by_option_then_environment_then_working_folder(tmp_path
     assert load_config(option_file).port == 3
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "missing.cfg")
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["config-value", "port"], ["status"],
+                                     ["where", "MR.1"], ["check-rules"], ["sort-once", "."], ["send", "."],
+                                     ["serve"]])
+def test_config_is_taken_after_the_command_too(tmp_path, command):
+    """`dumpwatch check-config --config FILE` reads FILE, as `dumpwatch --config FILE check-config`
+    does: a mistake in it is found either way (the command goes no further)."""
+    path = write(tmp_path, "port = four\n")
+    for args in (["--config", str(path), *command], [*command, "--config", str(path)]):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"Error: {path}:1: port: not a whole number: 'four'" in result.output, (args, result.output)
+
+
+def test_config_after_the_command_wins_over_the_one_before(tmp_path):
+    before = write(tmp_path, "port = 1\n", "before.cfg")
+    after = write(tmp_path, "port = 2\n", "after.cfg")
+    result = run("--config", str(before), "config-value", "--config", str(after), "port")
+    assert (result.exit_code, result.output) == (0, "2\n")

@@ -17,6 +17,10 @@ from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
 
+from dumpwatch.config import Config
+from dumpwatch.pipeline import Prepared, Sorter
+from dumpwatch.workers import Workers
+
 from conftest import FIELDMAP, make_dicom, run_process, tree_of
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -203,3 +207,22 @@ def test_sort_once_run_again_does_not_loop_on_a_file_that_stops_it(tmp_path, tem
     assert reason_of(tmp_path / "q", "MR.poison") == "it stopped dumpwatch itself twice while it was read alone"
     assert len(tree_of(tmp_path / "out")) == 5
     assert os.listdir(dump) == []
+
+
+def test_a_worker_that_dies_idle_is_seen_and_replaced(tmp_path, template_file):
+    """No file at the worker, so no future fails: its death is seen by its own exit status
+    (through the pool's mp_context, not the executor's private attributes), said as serve
+    says it, and the next files are read by a fresh pool."""
+    cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q")
+    files = [str(make_dicom(tmp_path / "dump" / f"MR.{n}", template_file, InstanceNumber=n)) for n in (1, 2)]
+    with Sorter(cfg) as sorter, Workers(sorter.job, 1, always_pool=True, state=cfg.state_dir) as workers:
+        assert not workers.broken
+        [worker] = workers.processes
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_for(lambda: workers.broken, 10, "the dead worker seen")
+        assert workers.death() == "killed by signal 9, SIGKILL"
+        results = workers.retry_alone(files)
+        assert [(type(r), r.source) for r in results] == [(Prepared, path) for path in files]
+        assert not workers.broken and worker not in workers.processes
+        [again] = workers.run([files])
+        assert [type(r) for r in again] == [Prepared, Prepared]

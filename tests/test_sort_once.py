@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import sqlite3
 import stat
@@ -22,7 +23,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from dumpwatch.config import Config
-from dumpwatch.sortonce import sort_dir
+from dumpwatch.pipeline import Outcome
+from dumpwatch.sortonce import Summary, sort_dir
 
 from conftest import FIELDMAP, copy_testdata, make_dicom, run, run_process, tree_of
 
@@ -200,6 +202,91 @@ def test_dry_run_changes_nothing(dump, out, tmp_path):
     assert ("sorted      siemens_fieldmap/2_gre_field_magph/e2_01.dcm"
             " -> 20210715-phantom/002-gre_field_magph/0001_02.dcm") in lines
     assert "403 files in" in result.output and "dry run, nothing changed" in result.output
+
+
+@pytest.mark.parametrize("out", ["/proc/dumpwatch-test", "/sys/dumpwatch-test", "a-file/below"])
+def test_a_dry_run_says_when_the_tree_could_not_be_written(dump, tmp_path, out):
+    """A dry run changes nothing, but checks that a real run could make the tree: "403 into
+    /proc/x" was no answer. Even root cannot make a folder in /proc or /sys."""
+    (tmp_path / "a-file").write_text("not a folder\n")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    result = run("sort-once", str(dump), "--out", target, "--quarantine", str(tmp_path / "q"), "--dry-run")
+    assert result.exit_code == 1, result.output
+    said = f"Error: the sorted tree {target} cannot be made: "
+    if out.startswith("/"):  # the kernel's reason: ENOENT in /proc, EPERM in /sys for root
+        assert re.fullmatch(re.escape(said) + rf"[^\n]+ \(in /{out.split('/')[1]}\)\n", result.output)
+    else:
+        assert result.output == f"{said}{tmp_path / 'a-file'} is not a folder\n"
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "dump"]
+
+
+def test_a_dry_run_into_a_tree_it_may_write_makes_no_trace(dump, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = os.listdir(out)
+    result = run("sort-once", str(dump), "--out", str(out), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert os.listdir(out) == before == []
+
+
+def test_a_tree_no_one_may_write_in_is_one_line_per_reason_not_per_file(testdata):
+    """sort-once as a user who may not write in the tree: every file is left in place for the
+    same reason. That is said once, with the count, not as an ERROR line per file; and the
+    summary points where the reasons are (files left in place have no .reason.txt)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run sort-once as another user")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="dumpwatch-unwritable-"))  # tmp_path is root's alone
+    try:
+        os.chmod(base, 0o755)
+        dump, out = base / "dump", base / "sorted"
+        files = copy_testdata(testdata, dump, FIELDMAP.split("/")[0])
+        assert len(files) > 20  # more than the summary names one by one
+        out.mkdir(mode=0o755)  # root's
+        (out / ".dumpwatch").mkdir()
+        (base / "quarantine").mkdir()
+        for path in (base / "quarantine", out / ".dumpwatch", dump, *dump.rglob("*")):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        result = subprocess.run([sys.executable, "-m", "dumpwatch", "sort-once", str(dump), "--out", str(out),
+                                 "--quarantine", str(base / "quarantine")],
+                                capture_output=True, text=True, user=nobody.pw_uid, group=nobody.pw_gid,
+                                extra_groups=[], cwd=base,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert result.returncode == 3, result.stdout + result.stderr
+        assert result.stderr == ""  # no ERROR line per file
+        reason = f"cannot place it: Permission denied (user nobody may not write in {out})"
+        said = [line for line in result.stdout.splitlines() if reason in line]
+        assert len(said) == 1, result.stdout
+        assert re.fullmatch(rf"    left \({len(files)} files, e\.g\. {re.escape(str(dump))}/\S+\.dcm\): "
+                            + re.escape(reason), said[0]), said
+        assert f"  {'left':<12}{len(files):>7}  in place, to try again" in result.stdout.splitlines()
+        assert ".reason.txt" not in result.stdout
+        assert sorted(map(str, dump.rglob("*.dcm"))) == sorted(map(str, files))  # all still in place
+    finally:
+        shutil.rmtree(base)
+
+
+def test_the_summary_counts_reasons_and_points_where_the_others_are(tmp_path):
+    summary = Summary()
+    summary.add([Outcome("/dump/busy0", "left", "busy")])
+    summary.add([Outcome(f"/dump/q{n}", "quarantined", f"reason {n % 25}") for n in range(50)])
+    summary.add([Outcome(f"/dump/busy{n}", "left", "busy") for n in range(1, 30)])
+    lines = summary.render(config(tmp_path), dry_run=False).splitlines()
+    assert "    left (30 files, e.g. /dump/busy0): busy" in lines
+    assert "    quarantined (2 files, e.g. /dump/q0): reason 0" in lines
+    assert len([line for line in lines if line.startswith("    quarantined (2 files")]) == 19  # 20 reasons in all
+    assert lines[-1] == (f"    ... and 12 more files with other reasons: the .reason.txt beside each quarantined "
+                         f"file in {tmp_path / 'quarantine'}")
+    summary.add([Outcome(f"/dump/other{n}", "left", f"other {n}") for n in range(3)])
+    lines = summary.render(config(tmp_path), dry_run=False).splitlines()
+    assert lines[-1].startswith("    ... and 15 more files with other reasons: the .reason.txt")
+    assert lines[-1].endswith(" or `dumpwatch where NAME` for each file left in place")
+    single = Summary()
+    single.add([Outcome("/dump/MR.1", "quarantined", "not a DICOM file")])
+    assert single.render(config(tmp_path), dry_run=False).splitlines()[-1] == (
+        "    quarantined: /dump/MR.1: not a DICOM file")
 
 
 def test_symlinks_are_never_followed(tmp_path, template_file):
