@@ -1,7 +1,8 @@
 """The README's `make run`, for real: `make run 2>&1 | tee run.log` in a session of its own, as
 a user types it in a terminal, with this test's configuration, folders and free port. However
-it ends (Ctrl-C, tee ending, SIGTERM to make, supervisord killed), nothing of it is left
-running; a taken port and a second run are refused at once, with a clear message."""
+it ends (Ctrl-C, tee ending, the terminal closing, SIGTERM to make, supervisord killed),
+nothing of it is left running; a taken port and a second run are refused at once, with a
+clear message."""
 
 from __future__ import annotations
 
@@ -219,12 +220,14 @@ def test_make_run_receives_refuses_a_second_run_and_ends_on_ctrl_c(make_run, tmp
     assert "stopped: storescp (terminated by SIGTERM)" in run.supervisord_log(), run.supervisord_log()
 
 
-@pytest.mark.parametrize("ending", ["tee ends", "make gets SIGTERM", "supervisord is killed"])
+@pytest.mark.parametrize("ending", ["tee ends", "the terminal closes", "make gets SIGTERM", "supervisord is killed"])
 def test_nothing_is_left_running_however_make_run_ends(make_run, ending):
     run = make_run()
     run.wait_ready()
     if ending == "tee ends":  # the pipe closes: make run's output has no reader any more
         os.kill(run.pid_of("tee"), signal.SIGTERM)
+    elif ending == "the terminal closes":  # SIGHUP to its foreground process group
+        os.killpg(run.shell.pid, signal.SIGHUP)
     elif ending == "make gets SIGTERM":
         os.kill(run.pid_of("make"), signal.SIGTERM)
     else:
