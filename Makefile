@@ -43,18 +43,13 @@ else
 	$(BIN)/pytest $(PYTEST_ARGS)
 endif
 
-RUN_CONFIG ?= $(CURDIR)/etc/dumpwatch.cfg
+# make run's configuration: etc/dumpwatch.local.cfg if there is one (git ignores it: copy
+# etc/dumpwatch.cfg there to change a setting), else the default; or RUN_CONFIG=FILE.
+RUN_CONFIG ?= $(if $(wildcard $(CURDIR)/etc/dumpwatch.local.cfg),$(CURDIR)/etc/dumpwatch.local.cfg,$(CURDIR)/etc/dumpwatch.cfg)
 RUN_VAR ?= $(CURDIR)/var
 
 run: install dcmtk ## receive on port 11112 and sort into var/ (storescp + dumpwatch under supervisord); Ctrl-C stops
-	mkdir -p $(RUN_VAR)
-	@set -e; { read -r port; read -r aet; read -r out; } <<< "$$($(BIN)/dumpwatch --config $(RUN_CONFIG) config-value port aetitle dir_out)"; \
-	example=$$($(BIN)/python -c 'from pydicom import examples; print(examples.get_path("mr"))'); \
-	echo; echo "Receiving on port $$port as AE title $$aet; sorted files go to $$out."; \
-	echo "Send a test image from another terminal with:"; \
-	echo "  TCP_NODELAY=1 storescu -aec $$(printf %q "$$aet") 127.0.0.1 $$port $$(printf %q "$$example")"; \
-	echo "Check on it with: $(BIN)/dumpwatch --config $(RUN_CONFIG) status"; echo
-	DUMPWATCH_CONFIG=$(RUN_CONFIG) DUMPWATCH_VAR=$(RUN_VAR) exec $(BIN)/supervisord -c etc/supervisord.conf
+	@exec $(BIN)/python scripts/run.py "$(RUN_CONFIG)" "$(RUN_VAR)"
 
 lint: install ## check the code with ruff
 	$(BIN)/pip install --quiet --disable-pip-version-check ruff

@@ -363,34 +363,6 @@ def _lock_pid(site: Path, dump: Path | None = None) -> int | None:
     return holder.pid if holder else None
 
 
-def test_make_run_receives_sorts_and_stops_on_ctrl_c(site, tmp_path):
-    """The README's `make run`, with this test's configuration and folders."""
-    repo = Path(__file__).resolve().parents[1]
-    process = subprocess.Popen(["make", "--no-print-directory", "-C", str(repo), "run", f"RUN_CONFIG={site}",
-                                f"RUN_VAR={tmp_path / 'var'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
-    reader.start()
-    try:
-        line = wait_for(lambda: next((o for o in output if "storescu -aec" in o), None), 120, "the storescu line")
-        from dumpwatch.status import listening
-
-        port = read_config(site).port
-        wait_for(lambda: listening(port) and _lock_pid(site), 60, "storescp and serve to start")
-        command = line.split("  ", 1)[1].split()
-        assert command[:5] == ["TCP_NODELAY=1", "storescu", "-aec", "DUMPWATCH", "127.0.0.1"]
-        subprocess.run(command[1:], env={**os.environ, "TCP_NODELAY": "1"}, check=True)  # as the user pastes it
-        wait_for(lambda: settled(site, 1), 30, "the example sorted")
-    finally:
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        process.wait(timeout=60)
-    reader.join(timeout=10)
-    log = "".join(output)
-    assert "stopped: dumpwatch (exit status 0)" in log, log
-    assert list(tree_of(site.parent / "sorted")) == ["20040826-CompressedSamples_MR1/001-NoSeriesDescription/0001.dcm"]
-
-
 def test_the_log_file_is_reopened_after_logrotate_moves_it(site, template_file):
     cfg = write_config(site.parent, fname_log="serve-file.log")
     serve = Serve(cfg)
