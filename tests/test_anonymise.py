@@ -27,7 +27,8 @@ from dumpwatch.rules import RESOLVED, RULES_DIR, load_layer, load_profile
 
 from conftest import FIELDMAP, REPO, copy_testdata, make_dicom, run, tree_of
 
-TABLE = json.loads((REPO.parent / "shared" / "standard" / "confidentiality_profile_attributes.json").read_text())
+TABLE_FILE = REPO / "standard" / "confidentiality_profile_attributes.json"  # PS3.15 Table E.1-1, standard/SOURCES.md
+TABLE = json.loads(TABLE_FILE.read_text())
 KEY = bytes(range(32))
 OPTIONS = {  # layer file -> the table's column
     "retain-long-full-dates": "rtnLongFullDatesOpt",
@@ -58,7 +59,7 @@ def profile(*names: str):
 def test_the_shipped_layers_are_what_the_generator_makes_of_the_table(tmp_path):
     """rules/ holds the script's output for the 2024e table, unedited."""
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_profile_layers.py"),
-                             str(REPO.parent / "shared" / "standard" / "confidentiality_profile_attributes.json"),
+                             str(TABLE_FILE),
                              str(tmp_path)], capture_output=True, text=True, check=True)
     assert "621 rows" in result.stdout
     made = sorted(p.name for p in tmp_path.glob("*.toml"))
