@@ -127,7 +127,8 @@ def test_the_same_study_from_another_sender_is_a_duplicate(receiver, site, testd
         rows = db.execute("SELECT outcome, count(*) FROM outcomes WHERE done = 1 GROUP BY outcome").fetchall()
     finally:
         db.close()
-    assert dict(rows) == {"sorted": len(files), "duplicate": len(files)}
+    outcomes = {outcome: count for outcome, count in rows if outcome != "renamed"}  # echo-1 files, when echo 2 came
+    assert outcomes == {"sorted": len(files), "duplicate": len(files)}
 
 
 def test_a_file_whose_meta_alone_differs_is_a_duplicate_in_a_tree_sorted_before(tmp_path, template_file):
