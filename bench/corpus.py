@@ -3,7 +3,7 @@
 Two headers to build from:
   - "mr": pydicom's bundled MR example (73 elements), grown to a 256x256 image: about 130 KB
     a file, the corpus the project's first figures use;
-  - "siemens": a real Siemens Prisma field map header from ../shared/testdata (132 elements
+  - "siemens": a real Siemens Prisma field map header from the test data (132 elements
     with large CSA headers), for a heavier read;
   - "small": the "mr" header with a 64x64 image, about 9 KB a file: for counts of 100,000.
 
@@ -18,13 +18,32 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 from pathlib import Path
 
 from pydicom import dcmread, examples
 from pydicom.uid import generate_uid
 
-TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
+REPO = Path(__file__).resolve().parents[1]
+FULL_SET = REPO.parent / "shared" / "testdata"  # all 403 files: the set the figures in docs/ come from
+SUBSET = REPO / "tests" / "data"  # the 76 files the repository carries
+# The real scanner files benchmarks read: the folder DUMPWATCH_TESTDATA names, else the full
+# set where it is kept beside the repository, else the repository's subset.
+TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA")
+                or (FULL_SET if (FULL_SET / "expected.json").is_file() else SUBSET))
 SIEMENS = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph" / "e1_01.dcm"
+
+
+def check_testdata() -> Path:
+    """TESTDATA; says on stderr when it is the subset (counts and figures then differ from
+    docs/), and stops when it holds no test data."""
+    if not (TESTDATA / "expected.json").is_file():
+        sys.exit(f"no test data in {TESTDATA} (no expected.json there): set DUMPWATCH_TESTDATA to its folder")
+    if TESTDATA.resolve() == SUBSET.resolve():
+        print(f"note: this runs on the repository's subset of the test data, {SUBSET}: fewer files, "
+              f"other figures than docs/. For those, put the full set at {FULL_SET} or set "
+              "DUMPWATCH_TESTDATA to its folder.", file=sys.stderr)
+    return TESTDATA
 
 
 def template(kind: str):

@@ -13,7 +13,7 @@ tests/dcmtk.py does) under a steady send, while a second process edits the tree 
 
 The sender sends whole series, one association each: new ones, and re-sends of series sent
 before, often of series edited since their last send. Series are built from a real Siemens
-file (../shared/testdata); several share SeriesNumber and SeriesDescription but differ in
+file (of the test data); several share SeriesNumber and SeriesDescription but differ in
 SeriesInstanceUID (so `_2` and `_3` folders occur), and the files of a series name have one
 size (UIDs of fixed length) but one in five, a few bytes longer, as a repeated scan's.
 
@@ -62,13 +62,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(HERE))
 
 from campaign import quarantined  # noqa: E402
 from dcmtk import Serve, Storescp, storescu, storescu_config, write_config  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 
-TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA", REPO.parent / "shared" / "testdata"))
-TEMPLATE = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph" / "e1_01.dcm"
+from corpus import SIEMENS as TEMPLATE  # noqa: E402  # a real Siemens file, in the full set and tests/data alike
+
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; + 30 digits: every UID 56 characters
 SLOTS = [(1, "gre"), (2, "t1 mprage"), (3, "ep2d bold")]
 STATE = ".dumpwatch"

@@ -51,7 +51,9 @@ from campaign import (  # noqa: E402
 )
 from pydicom import dcmread  # noqa: E402
 
-TESTDATA = HERE.parent.parent / "shared" / "testdata"
+from corpus import check_testdata  # noqa: E402
+
+TESTDATA = check_testdata()  # the field map series: 72 files in the full set, 16 in tests/data
 
 
 def sort_once_campaign(base: Path, args: argparse.Namespace, anonymise: bool, rng: random.Random) -> tuple[Kills, int]:
@@ -109,7 +111,7 @@ def spread(progress: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000, help="generated MR files per round")
-    parser.add_argument("--fieldmaps", type=int, default=4, help="copies of the 72-file field map per round")
+    parser.add_argument("--fieldmaps", type=int, default=4, help="copies of the field map series per round")
     parser.add_argument("--kills", type=int, default=55, help="kills per campaign, at least")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

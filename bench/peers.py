@@ -2,9 +2,10 @@
 
 Two inputs:
   - the generated corpus of bench/corpus.py (small MR files, unique names, nothing tricky);
-  - every file of ../shared/testdata as it is, read in place: real files from five vendors,
-    the Siemens field map whose two echoes share InstanceNumbers, and the folder's two
-    non-DICOM files (SOURCES.md, expected.json).
+  - every file of the test data as it is, read in place: real files from five vendors,
+    the Siemens field map whose two echoes share InstanceNumbers, and the folder's non-DICOM
+    files (SOURCES.md, expected.json; LICENSES/ in the repository's subset). The full set
+    (../shared/testdata, or DUMPWATCH_TESTDATA) when it is there, else tests/data.
 
 Each tool sorts each input in copy mode (dumpwatch sort-once --copy; dicomsort with
 keep_original, through bench/dicomsort_run.py in its own venv, as bench/sort_once.py makes
@@ -56,7 +57,7 @@ sys.path.insert(0, str(HERE))
 
 from sort_once import corpus, dicomsort_python  # noqa: E402
 
-from corpus import TESTDATA  # noqa: E402
+from corpus import TESTDATA, check_testdata  # noqa: E402
 
 STATE_DIR = ".dumpwatch"  # dumpwatch's journal and staging area inside the tree: not sorted files
 FIELDMAP = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph"  # two echoes share each InstanceNumber
@@ -221,7 +222,7 @@ def main() -> None:
     }
     datasets = {f"generated corpus ({args.files:,} MR files)": corpus(args.files, "mr")}
     if not args.no_testdata:
-        datasets["real files, shared/testdata"] = TESTDATA
+        datasets[f"real files, {TESTDATA.parent.name}/{TESTDATA.name}"] = check_testdata()
     indexed = {name: index(folder) for name, folder in datasets.items()}
 
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, median of {args.runs} runs, copy mode for both")

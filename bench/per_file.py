@@ -1,7 +1,7 @@
 """Where the time of one file goes: the worker's steps, one process, no placing.
 
     python bench/per_file.py [--files 1000] [--header mr|siemens]
-    python bench/per_file.py --folder ../shared/testdata/philips/2001_fcMRI_Field_Mapping
+    python bench/per_file.py --folder tests/data/philips/2001_fcMRI_Field_Mapping
     python bench/per_file.py --fsync     # what fsync costs on this disk
 """
 

@@ -18,8 +18,9 @@ After each run: every file in the tree once, the dump empty, and the re-send jou
 one `duplicate` row per file (and per file again for serve's second re-send).
 
 Two sets:
-- enhanced: the enhanced multi-frame files of ../shared/testdata/enhanced (8 files: Siemens
-  XA30 and XA10, Philips), --copies copies, each a patient of its own with new UIDs;
+- enhanced: the enhanced multi-frame files of the test data's enhanced/ (8 files in the full
+  set: Siemens XA30 and XA10, Philips; 4 in tests/data), --copies copies, each a patient of
+  its own with new UIDs;
 - classic MR: the generated corpus of bench/sort_once.py (bench/corpus.py, "mr" header,
   133 KB files, 200 a series).
 
@@ -48,7 +49,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sort_once import corpus  # noqa: E402
 
-TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA", REPO.parent / "shared" / "testdata"))
+from corpus import TESTDATA, check_testdata  # noqa: E402
 
 
 def enhanced_set(copies: int) -> Path:
@@ -169,11 +170,13 @@ def serve_sends(source: Path, work: Path) -> dict[str, tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--copies", type=int, default=25, help="copies of the 8 enhanced files")
+    parser.add_argument("--copies", type=int, default=25, help="copies of the enhanced files")
     parser.add_argument("--files", type=int, default=2000, help="classic MR files")
     parser.add_argument("--no-serve", action="store_true", help="sort-once only")
     parser.add_argument("--only", choices=["enhanced", "classic"])
     args = parser.parse_args()
+    if args.only != "classic":
+        check_testdata()
     sets = {"enhanced": enhanced_set(args.copies), "classic": corpus(args.files, "mr")}
     if args.only:
         sets = {args.only: sets[args.only]}

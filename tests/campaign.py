@@ -54,8 +54,8 @@ def corpus_cache(files: int) -> Path:
 
 
 def make_inputs(dump: Path, testdata: Path, files: int, fieldmaps: int, seed: int) -> Inputs:
-    """files generated MR files, fieldmaps copies of the Siemens field map series (72 files,
-    two echoes: the first echo's files are renamed when the second arrives), each copy a
+    """files generated MR files, fieldmaps copies of the Siemens field map series (both
+    echoes: the first echo's files are renamed when the second arrives), each copy a
     study of its own, and two bad files: one truncated long ago, one not DICOM at all."""
     dump.mkdir(parents=True, exist_ok=True)
     inputs = Inputs()

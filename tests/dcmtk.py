@@ -157,4 +157,4 @@ def storescu(port: int, files: list[Path], work: Path, wait: bool = True,
 
 
 def data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".json", ".md"))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".json", ".md", ".txt"))

@@ -22,14 +22,17 @@ MODES = {
 IN_WORKER = {"read", "prepared"}  # points reached in the worker processes, not in sort-once itself
 KEY = "0123456789abcdef" * 4  # one key for the reference and the crashed runs: the same output
 
-# (failpoint, which hit kills): every step, early and in the middle of the run.
+# (failpoint, which hit kills): every step, early and in the middle of the run. A fraction is
+# that share of the inputs (the field map series and two bad files), so that the middle of the
+# run stays the middle whatever the size of the test data; batches (journal-begun,
+# sources-removed) are about a quarter of the inputs each.
 CASES = [
-    ("read", 1), ("read", 40),
-    ("prepared", 1), ("prepared", 40),
+    ("read", 1), ("read", 0.54),
+    ("prepared", 1), ("prepared", 0.54),
     ("journal-begun", 1), ("journal-begun", 3),
-    ("renamed", 1), ("renamed", 20),
-    ("placed", 1), ("placed", 37),
-    ("unlink-source", 1), ("unlink-source", 37),
+    ("renamed", 1), ("renamed", 0.27),  # the echo-1 files, renamed when echo 2 arrives
+    ("placed", 1), ("placed", 0.5),
+    ("unlink-source", 1), ("unlink-source", 0.5),
     ("sources-removed", 1), ("sources-removed", 3),
     ("quarantine-slot", 1), ("quarantine-slot", 2),
     ("quarantine-reserved", 1), ("quarantine-reserved", 2),
@@ -37,8 +40,13 @@ CASES = [
 ]
 
 
+def nth(hit: int | float, inputs: dict) -> int:
+    """The hit a case kills at: as given, or that share of the inputs."""
+    return hit if isinstance(hit, int) else max(2, round(hit * len(inputs)))
+
+
 def make_inputs(folder: Path, testdata: Path) -> None:
-    """72 Siemens field map files (their echo-1 files get renamed) and two bad files."""
+    """The Siemens field map series (its echo-1 files get renamed) and two bad files."""
     copy_testdata(testdata, folder, FIELDMAP)
     data = (testdata / FIELDMAP / "e1_03.dcm").read_bytes()
     cut = folder / "MR.truncated"
@@ -88,7 +96,7 @@ def test_kill_anywhere_then_rerun(tmp_path, testdata, references, mode, point, h
     base = tmp_path / mode
     _, args = setup(base, testdata, mode)
     inputs = tree_of(base / "dump")
-    crashed = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"{point}={hit}"})
+    crashed = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"{point}={nth(hit, inputs)}"})
     if point in IN_WORKER:  # a worker killed: a fresh one tries its files again, the run goes on
         assert crashed.returncode == 3, crashed.stdout + crashed.stderr
         assert "a worker process died (killed by signal 9, SIGKILL)" in crashed.stderr, crashed.stderr
@@ -104,11 +112,12 @@ def test_kill_between_placing_and_removing_the_source(tmp_path, testdata, refere
     """The rerun finishes the job: no second copy, no loss."""
     base = tmp_path / "anonymise"
     _, args = setup(base, testdata, "anonymise")
+    inputs = tree_of(base / "dump")
     crashed = run_process(*args, env={"DUMPWATCH_FAILPOINTS": "unlink-source=1"})
     assert crashed.returncode == -signal.SIGKILL
     placed = tree_of(base / "out")
     assert placed, "a file was placed before the kill"
-    assert len(tree_of(base / "dump")) == 74  # ... and its source is still in the dump
+    assert len(tree_of(base / "dump")) == len(inputs)  # ... and its source is still in the dump
     rerun = run_process(*args)
     assert rerun.returncode == 3
     assert state(base) == references["anonymise"]
@@ -147,7 +156,8 @@ def test_ctrl_c_stops_at_the_end_of_a_batch(tmp_path, testdata, references, sig,
     _, args = setup(base, testdata, "move")
     (base / "dumpwatch.cfg").write_text(f"dir_out = out\ndir_quarantine = quarantine\nworkers = {workers}\n")
     inputs = tree_of(base / "dump")
-    stopped = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"placed=10:{sig}"})
+    hit = len(inputs) // 2
+    stopped = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"placed={hit}:{sig}"})
     if sig == "INT":
         assert stopped.returncode == 130, stopped.stdout + stopped.stderr
         assert "stopped early: interrupted; the files not handled are still in place" in stopped.stdout
@@ -160,7 +170,7 @@ def test_ctrl_c_stops_at_the_end_of_a_batch(tmp_path, testdata, references, sig,
     finally:
         db.close()
     placed = tree_of(base / "out")
-    assert len(placed) == sorted_rows >= 10  # the whole batch the signal came in, not one file less
+    assert len(placed) == sorted_rows >= hit  # the whole batch the signal came in, not one file less
     assert len(placed) + len(tree_of(base / "dump")) + len(tree_of(base / "quarantine")) // 2 == len(inputs)
     assert run_process(*args).returncode in (0, 3)
     assert state(base) == references["move"]
@@ -174,7 +184,7 @@ def test_a_worker_killed_mid_run(tmp_path, testdata, references):
     base = tmp_path / "move"
     _, args = setup(base, testdata, "move")
     (base / "dumpwatch.cfg").write_text("dir_out = out\ndir_quarantine = quarantine\nworkers = 2\n")
-    survived = run_process(*args, env={"DUMPWATCH_FAILPOINTS": "read=20"})
+    survived = run_process(*args, env={"DUMPWATCH_FAILPOINTS": f"read={nth(0.27, tree_of(base / 'dump'))}"})
     assert survived.returncode == 3, survived.stdout + survived.stderr
     assert "stopped early" not in survived.stdout
     assert "a worker process died (killed by signal 9, SIGKILL)" in survived.stderr

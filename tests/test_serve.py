@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from campaign import corpus_cache
 from dcmtk import Serve, Storescp, data_files, needs_dcmtk, storescu, wait_for, write_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -27,9 +29,11 @@ from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 pytestmark = needs_dcmtk
 
 
-def reference(testdata: Path, tmp_path: Path, only: str = "") -> dict[str, str]:
-    """{path in the tree: SOPInstanceUID} as sort-once sorts the same files."""
+def reference(testdata: Path, tmp_path: Path, only: str = "", more: tuple[Path, ...] = ()) -> dict[str, str]:
+    """{path in the tree: SOPInstanceUID} as sort-once sorts the same files (and `more`)."""
     copy_testdata(testdata, tmp_path / "ref-dump", only)
+    for path in more:
+        shutil.copyfile(path, tmp_path / "ref-dump" / path.name)
     cfg = read_config(write_config(tmp_path / "ref"))
     sort_dir(tmp_path / "ref-dump", cfg)
     return uids(tmp_path / "ref" / "sorted")
@@ -105,7 +109,7 @@ def test_watcher_killed_while_files_arrive(site, testdata, tmp_path):
     try:
         files = data_files(testdata / "philips")
         sender = storescu(scp.port, files, tmp_path, wait=False)
-        wait_for(lambda: len(tree_of(site.parent / "sorted")) >= 20, 60, "some files sorted")
+        wait_for(lambda: len(tree_of(site.parent / "sorted")) >= len(files) // 10, 60, "some files sorted")
         serve.process.kill()
         serve.process.wait()
         serve.log.close()
@@ -234,18 +238,19 @@ def test_status_reports_what_an_operator_needs(site, template_file, testdata, tm
     scp = Storescp(site)
     serve = Serve(site)
     try:
-        storescu(scp.port, data_files(testdata / FIELDMAP), tmp_path)
-        wait_for(lambda: settled(site, 72), 60, "the series sorted")
+        files = data_files(testdata / FIELDMAP)
+        storescu(scp.port, files, tmp_path)
+        wait_for(lambda: settled(site, len(files)), 60, "the series sorted")
         code, report = status()
         assert code == 0 and report["healthy"], report
         assert report["watcher"]["pid"] == serve.process.pid
-        assert report["sorted"] == {"last_hour": 72, "last_day": 72}
+        assert report["sorted"] == {"last_hour": len(files), "last_day": len(files)}
         assert report["last_series"]["subject"] == "20210715-phantom"
         assert report["last_series"]["series"] == "002-gre_field_magph"
-        assert report["last_series"]["files"] == 72
+        assert report["last_series"]["files"] == len(files)
         text = run_process("--config", str(site), "status")
         assert text.returncode == 0 and text.stdout.strip().endswith("healthy")
-        assert "last series  20210715-phantom/002-gre_field_magph: 72 files" in text.stdout
+        assert f"last series  20210715-phantom/002-gre_field_magph: {len(files)} files" in text.stdout
     finally:
         assert serve.stop() == 0
     # The watcher stopped; a file waits in the dump, received an hour ago; one is quarantined.
@@ -338,12 +343,14 @@ def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
         from dumpwatch.status import listening
 
         wait_for(lambda: listening(port), 30, "storescp to listen")
-        storescu(port, data_files(testdata / FIELDMAP)[:10], tmp_path)
-        wait_for(lambda: settled(site, 10), 30, "files sorted")
+        files = data_files(testdata / FIELDMAP)
+        half = len(files) // 2
+        storescu(port, files[:half], tmp_path)
+        wait_for(lambda: settled(site, half), 30, "files sorted")
         os.kill(serve_pid, signal.SIGKILL)  # supervisord starts it again
         wait_for(lambda: _lock_pid(site) not in (None, serve_pid), 30, "serve restarted")
-        storescu(port, data_files(testdata / FIELDMAP)[10:20], tmp_path)
-        wait_for(lambda: settled(site, 20), 30, "files sorted after the restart")
+        storescu(port, files[half:], tmp_path)
+        wait_for(lambda: settled(site, len(files)), 30, "files sorted after the restart")
         assert subprocess.run(["pgrep", "-f", "--", storescp_pattern], capture_output=True).returncode == 0
     finally:
         process.send_signal(signal.SIGTERM)
@@ -537,7 +544,13 @@ def test_a_symlink_planted_as_the_lock_is_never_followed(site, template_file):
 def test_sigterm_to_every_process_mid_batch_finishes_cleanly(site, testdata, tmp_path):
     """systemd's default stop signals the whole unit, workers too: serve must still finish the
     batch in hand and exit 0, and the files not yet sorted wait in the dump."""
+    # Generated files besides the real ones: more than serve has at its workers at once (two
+    # chunks a worker), so that some are still waiting when the signal comes.
+    generated = tuple(sorted(corpus_cache(300).iterdir()))
     inputs = copy_testdata(testdata, tmp_path / "incoming")
+    for path in generated:
+        inputs.append(tmp_path / "incoming" / path.name)
+        shutil.copyfile(path, inputs[-1])
     dump = site.parent / "dump"
     dump.mkdir()
     for number, path in enumerate(inputs):
@@ -552,7 +565,7 @@ def test_sigterm_to_every_process_mid_batch_finishes_cleanly(site, testdata, tmp
     assert waiting, "stopped only after the last file: not mid-batch"
     assert journal(site, "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
     assert len(tree_of(site.parent / "sorted")) + len(waiting) == len(inputs)
-    expected = reference(testdata, tmp_path)
+    expected = reference(testdata, tmp_path, more=generated)
     serve = Serve(site)
     try:
         wait_for(lambda: settled(site, len(expected)), 60, "the rest sorted after the restart")
@@ -567,7 +580,6 @@ def test_a_file_that_cannot_be_removed_never_stops_serve(template_file):
     if os.getuid() != 0:
         pytest.skip("needs root to act as two users")
     import pwd
-    import shutil
     import tempfile
 
     nobody = pwd.getpwnam("nobody")

@@ -26,9 +26,9 @@ from dumpwatch.config import Config
 from dumpwatch.pipeline import Outcome
 from dumpwatch.sortonce import Summary, sort_dir
 
-from conftest import FIELDMAP, copy_testdata, make_dicom, run, run_process, tree_of
+from conftest import FIELDMAP, below, copy_testdata, make_dicom, run, run_process, tree_of
 
-# The subject folder each part of ../shared/testdata belongs in: <StudyDate>-<PatientName>.
+# The subject folder each part of the test data belongs in: <StudyDate>-<PatientName>.
 SUBJECTS = {
     "enhanced/philips": "20180526-ROGERS_20180526",
     "enhanced/siemens_xa10": "20181022-IRC-Slice-Timing",
@@ -90,19 +90,21 @@ def test_every_real_file_sorts_to_its_place(dump, out, tmp_path, expected):
     assert not [p for p in dump.rglob("*") if p.is_file()], "files left in the dump"
     assert not (tmp_path / "q").exists()
     assert_journal_agrees(out)
-    assert result.output.splitlines()[0].startswith("403 files in ")
-    assert "  sorted          403  into " in result.output
+    assert result.output.splitlines()[0].startswith(f"{len(expected)} files in ")
+    assert f"  sorted      {len(expected):>7}  into " in result.output
 
 
-def test_fieldmap_echoes_and_philips_numbers(dump, out, tmp_path):
+def test_fieldmap_echoes_and_philips_numbers(dump, out, tmp_path, expected):
     sort_dir(dump, config(tmp_path))
     magnitude = sorted(os.listdir(out / "20210715-phantom" / "002-gre_field_magph"))
     assert magnitude[:4] == ["0001_01.dcm", "0001_02.dcm", "0002_01.dcm", "0002_02.dcm"]
-    assert len(magnitude) == 72
+    assert len(magnitude) == len(below(expected, FIELDMAP))
     phase = sorted(os.listdir(out / "20210715-phantom" / "003-gre_field_magph"))
-    assert phase[0] == "0001_02.dcm" and len(phase) == 36
+    assert phase[0] == "0001_02.dcm" and len(phase) == len(below(expected, "siemens_fieldmap/3_gre_field_magph"))
+    # Named by the top-level InstanceNumber, never by the 0 nested before it.
     philips = sorted(os.listdir(out / "20210902-d2n_Philips_3T_R571" / "2001-fcMRI-Field-Mapping"))
-    assert [name[:4] for name in philips] == [f"{n:04d}" for n in range(1, 213)]
+    numbers = sorted(fields["InstanceNumber"] for fields in below(expected, "philips").values())
+    assert [name[:4] for name in philips] == [f"{n:04d}" for n in numbers] and 0 not in numbers
     for name in ("0001_01.dcm", "0001_02.dcm"):
         ds = dcmread(out / "20210715-phantom" / "002-gre_field_magph" / name, stop_before_pixels=True)
         assert (int(ds.InstanceNumber), int(ds.EchoNumbers)) == (1, int(name[5:7]))
@@ -131,13 +133,13 @@ def test_shuffled_arrival_gives_the_same_tree(tmp_path, testdata, expected, seed
     assert_journal_agrees(tmp_path / "out")
 
 
-def test_identical_resend_is_recognised_and_adds_nothing(dump, out, tmp_path, testdata):
+def test_identical_resend_is_recognised_and_adds_nothing(dump, out, tmp_path, testdata, expected):
     sort_dir(dump, config(tmp_path))
     before = tree_of(out)
     again = tmp_path / "again"
     copy_testdata(testdata, again)
     summary = sort_dir(again, config(tmp_path))
-    assert summary.counts["duplicate"] == 403 and summary.exit_code == 0
+    assert summary.counts["duplicate"] == len(expected) and summary.exit_code == 0
     assert tree_of(out) == before
     assert not [p for p in again.rglob("*") if p.is_file()]  # re-sent copies removed from the dump
     assert_journal_agrees(out)
@@ -186,13 +188,13 @@ def test_running_twice_with_copy_adds_nothing_and_keeps_sources(dump, out, tmp_p
     first = tree_of(out)
     assert first == golden_tree(expected)
     summary = sort_dir(dump, config(tmp_path), copy=True)
-    assert summary.counts["duplicate"] == 403
+    assert summary.counts["duplicate"] == len(expected)
     assert tree_of(out) == first and tree_of(dump) == before
     for rel in first:  # copies, not hard links to the archive
         assert os.stat(out / rel).st_nlink == 1
 
 
-def test_dry_run_changes_nothing(dump, out, tmp_path):
+def test_dry_run_changes_nothing(dump, out, tmp_path, expected):
     before = tree_of(dump)
     result = run("sort-once", str(dump), "--out", str(out), "--dry-run")
     assert result.exit_code == 0, result.output
@@ -201,7 +203,7 @@ def test_dry_run_changes_nothing(dump, out, tmp_path):
     lines = result.output.splitlines()
     assert ("sorted      siemens_fieldmap/2_gre_field_magph/e2_01.dcm"
             " -> 20210715-phantom/002-gre_field_magph/0001_02.dcm") in lines
-    assert "403 files in" in result.output and "dry run, nothing changed" in result.output
+    assert f"{len(expected)} files in" in result.output and "dry run, nothing changed" in result.output
 
 
 @pytest.mark.parametrize("out", ["/proc/dumpwatch-test", "/sys/dumpwatch-test", "a-file/below"])
@@ -768,11 +770,13 @@ def test_a_full_disk_loses_nothing_and_the_rerun_finishes(tmp_path, testdata, ex
     """dir_out on a small filesystem that fills up mid-run; then space is freed."""
     out = tmp_path / "small"
     out.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(out)], capture_output=True).returncode:
+    room = sum(f["size"] for f in below(expected, "siemens_fieldmap").values()) // 2  # half the files fit
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room // 1024}k", "tmpfs", str(out)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         source, quarantine = tmp_path / "dump", tmp_path / "q"
-        copy_testdata(testdata, source, "siemens_fieldmap")  # 108 files, 11 MB: far more than 2 MB
+        copy_testdata(testdata, source, "siemens_fieldmap")
         inputs = tree_of(source)
         result = run_process("sort-once", str(source), "--out", str(out / "sorted"), "--quarantine", str(quarantine))
         assert result.returncode in (1, 3), result.stdout + result.stderr
@@ -794,7 +798,7 @@ def test_a_full_disk_loses_nothing_and_the_rerun_finishes(tmp_path, testdata, ex
         subprocess.run(["umount", str(out)], check=True)
 
 
-def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, monkeypatch):
+def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, expected, monkeypatch):
     """Past CACHED_NAMES, the folders used longest ago are forgotten and read again from disk.
     With a limit of one name, every batch reads its folders again: echo renames, series
     folders and identical re-sends must come out exactly as with everything kept."""
@@ -810,9 +814,10 @@ def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, m
     monkeypatch.setattr(tree.Tree, "_load", lambda self, rel: loads.append(rel) or load(self, rel))
     forgotten = sort_dir(tmp_path / "dump-forgotten",
                          Config(dir_out=tmp_path / "forgotten", dir_quarantine=tmp_path / "q"))
-    assert kept.counts == forgotten.counts and forgotten.counts["duplicate"] == 108, forgotten.counts
+    files = len(below(expected, "siemens_fieldmap"))
+    assert kept.counts == forgotten.counts and forgotten.counts["duplicate"] == files, forgotten.counts
     assert tree_of(tmp_path / "forgotten") == tree_of(tmp_path / "kept")
-    assert len(tree_of(tmp_path / "kept")) == 108
+    assert len(tree_of(tmp_path / "kept")) == files
     assert len(loads) >= 2 * len(set(loads)), "the folders were not forgotten and read again"
 
 
