@@ -2,7 +2,7 @@
 """Write rules/basic.toml and one layer per option from DICOM PS3.15 Table E.1-1.
 
 The table comes as JSON (innolitics' extraction of the 2024e edition, 621 rows) in
-standard/ (standard/SOURCES.md says whence). Run it again when the table changes; the
+rules/standard/ (rules/standard/SOURCES.md says whence). Run it again when the table changes; the
 layers are never edited by hand.
 
     python scripts/make_profile_layers.py [TABLE.json] [RULES_DIR]
@@ -19,7 +19,7 @@ from pydicom.datadict import keyword_for_tag
 
 EDITION = "2024e"
 ROOT = Path(__file__).resolve().parents[1]
-TABLE = ROOT / "standard" / "confidentiality_profile_attributes.json"
+TABLE = ROOT / "rules" / "standard" / "confidentiality_profile_attributes.json"
 
 # (column of the table, layer file name, title, DCM code of CID 7050)
 OPTIONS = [

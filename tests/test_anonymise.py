@@ -27,7 +27,7 @@ from dumpwatch.rules import RESOLVED, RULES_DIR, load_layer, load_profile
 
 from conftest import FIELDMAP, REPO, below, copy_testdata, make_dicom, run, tree_of
 
-TABLE_FILE = REPO / "standard" / "confidentiality_profile_attributes.json"  # PS3.15 Table E.1-1, standard/SOURCES.md
+TABLE_FILE = REPO / "rules" / "standard" / "confidentiality_profile_attributes.json"  # PS3.15 E.1-1
 TABLE = json.loads(TABLE_FILE.read_text())
 KEY = bytes(range(32))
 OPTIONS = {  # layer file -> the table's column

@@ -105,7 +105,10 @@ def test_serve_quarantines_a_deflate_bomb_within_a_memory_limit(tmp_path, bomb, 
         shutil.copyfile(bomb, site / "dump" / "MR.bomb")  # written and closed there, as storescp does
         normal_files(site / "dump", template_file, 3)
         quarantine = site / "quarantine"
-        wait_for(lambda: len(tree_of(site / "sorted")) == 3 and list(quarantine.glob("*.reason.txt"))
+        # The reason file is made (empty) before the file moves in, and written by then: wait
+        # for the file itself.
+        wait_for(lambda: len(tree_of(site / "sorted")) == 3
+                 and [p for p in quarantine.glob("*") if not p.name.endswith(".reason.txt")]
                  or serve.process.poll() is not None, 60, "the bomb quarantined, the others sorted")
         assert serve.process.poll() is None, serve.output()
         [reason] = quarantine.glob("*.reason.txt")
@@ -136,8 +139,8 @@ def test_serve_quarantines_a_file_that_kills_its_worker_and_goes_on(tmp_path, te
         make_dicom(site / "dump" / "MR.poison", template_file, InstanceNumber=99)
         normal_files(site / "dump", template_file, 6)
         quarantine = site / "quarantine"
-        wait_for(lambda: (quarantine / "MR.poison.reason.txt").exists() or serve.process.poll() is not None,
-                 60, "the poison quarantined")
+        wait_for(lambda: (quarantine / "MR.poison").exists() or serve.process.poll() is not None,
+                 60, "the poison quarantined")  # its reason is written before it moves in
         assert serve.process.poll() is None, serve.output()
         assert reason_of(quarantine, "MR.poison") == (
             "it stopped the reading process twice (the second time alone: killed by signal 9, SIGKILL)")
@@ -169,8 +172,8 @@ def test_a_restarted_serve_does_not_loop_on_a_file_that_stops_it(tmp_path, templ
     serve = Serve(cfg)
     try:
         quarantine = site / "quarantine"
-        wait_for(lambda: (quarantine / "MR.poison.reason.txt").exists() or serve.process.poll() is not None,
-                 60, "the poison quarantined")
+        wait_for(lambda: (quarantine / "MR.poison").exists() or serve.process.poll() is not None,
+                 60, "the poison quarantined")  # its reason is written before it moves in
         assert serve.process.poll() is None, serve.output()
         assert reason_of(quarantine, "MR.poison") == "it stopped dumpwatch itself twice while it was read alone"
         wait_for(lambda: len(tree_of(site / "sorted")) == 4, 30, "the other files sorted")

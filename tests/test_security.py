@@ -304,10 +304,11 @@ def test_the_source_scan_finds_what_it_looks_for():
     assert shell_uses("import os\nos.path.join('a', 'b')\nf(shell=False)\n") == []
 
 
-# The one program dumpwatch runs: `status` asks storescp for a C-ECHO with DCMTK's echoscu, as
-# an argument list of fixed words and configured values: never a shell, never a header or
-# network value (test_status_runs_echoscu_alone_as_an_argument_list).
-_ALLOWED = {"status.py": {"imports ['subprocess']"}}
+# The programs dumpwatch runs, each DCMTK's and as an argument list, never through a shell:
+# `status` asks storescp for a C-ECHO with echoscu (fixed words and configured values:
+# test_status_runs_echoscu_alone_as_an_argument_list); `send` runs storescu with absolute
+# file paths and a profile of UIDs it has checked (test_send_runs_storescu_alone_as_an_argument_list).
+_ALLOWED = {"status.py": {"imports ['subprocess']"}, "send.py": {"imports ['subprocess']"}}
 
 
 def test_no_shell_or_program_is_run_anywhere_in_the_package():
@@ -416,3 +417,17 @@ def test_storescp_sh_text_holds_no_exec_option():
     words = {word.strip("\"'") for line in code for word in line.split()}
     assert not _EXEC_OPTIONS & words
     assert not any("exec-on" in line or "eostudy" in line for line in code)
+
+
+def test_send_runs_storescu_alone_as_an_argument_list():
+    tree = ast.parse((PACKAGE / "send.py").read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"]
+    assert [(call.func.attr, [k.arg for k in call.keywords if k.arg == "shell"]) for call in calls] == [("Popen", [])]
+    from dumpwatch.send import Receiver, storescu_argv
+
+    receiver = Receiver("127.0.0.1", 104, "PACS", "DUMPWATCH")
+    argv = storescu_argv(Path("/tmp/profile.cfg"), receiver, ["/a/-rf", "/b/$(id)"])
+    assert argv[0] == "storescu" and argv[-2:] == ["/a/-rf", "/b/$(id)"]  # paths as they are, never options
+    with pytest.raises(AssertionError):
+        storescu_argv(Path("/tmp/profile.cfg"), receiver, ["-rf"])

@@ -245,6 +245,8 @@ def test_a_tree_no_one_may_write_in_is_one_line_per_reason_not_per_file(testdata
         os.chmod(base, 0o755)
         dump, out = base / "dump", base / "sorted"
         files = copy_testdata(testdata, dump, FIELDMAP.split("/")[0])
+        template = testdata / FIELDMAP / "e1_01.dcm"
+        files += [make_dicom(dump / "more" / f"MR.{n}.dcm", template, InstanceNumber=100 + n) for n in range(10)]
         assert len(files) > 20  # more than the summary names one by one
         out.mkdir(mode=0o755)  # root's
         (out / ".dumpwatch").mkdir()
