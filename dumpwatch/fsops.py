@@ -6,7 +6,7 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dumpwatch.errors import Rejected
@@ -175,3 +175,27 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         offset += done
         count -= done
 
+
+def entries_below(root: str, unlistable: Callable[[str, OSError], None],
+                  wanted: Callable[[str, os.DirEntry], bool] = lambda folder, entry: True) -> Iterator[str]:
+    """The path of every entry below root that is not a folder, depth first and in name
+    order, never through a symlink. `wanted(folder, entry)` picks the entries (of any kind)
+    that are yielded or entered; a folder that cannot be listed is given to `unlistable`."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            unlistable(folder, exc)
+            continue
+        folders = []
+        for entry in entries:
+            if not wanted(folder, entry):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            else:
+                yield entry.path
+        stack.extend(reversed(folders))

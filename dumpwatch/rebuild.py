@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from pydicom import dcmread
 
+from dumpwatch.fsops import entries_below
 from dumpwatch.journal import Entry, Journal, time_text
 
 log = logging.getLogger(__name__)
@@ -38,25 +39,18 @@ def tree_files(root: str, extension: str, reserved: frozenset[str], unreadable: 
     never through a symlink, not in the top-level folders that hold other things (reserved).
     Folders that cannot be listed are skipped, and named in unreadable."""
     suffix = "." + extension
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError as exc:
-            if unreadable is not None:
-                unreadable.append(f"{folder}: {exc.strerror}")
-            continue
-        folders = []
-        for entry in entries:
-            if entry.name.startswith(".") or (folder == root and entry.name in reserved):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.path)
-            elif entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
-                yield entry.path
-        stack.extend(reversed(folders))
+
+    def wanted(folder: str, entry: os.DirEntry) -> bool:
+        if entry.name.startswith(".") or (folder == root and entry.name in reserved):
+            return False
+        return entry.is_dir(follow_symlinks=False) or (entry.name.endswith(suffix)
+                                                       and entry.is_file(follow_symlinks=False))
+
+    def unlistable(folder: str, exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(f"{folder}: {exc.strerror}")
+
+    return entries_below(root, unlistable, wanted)
 
 
 def rebuild(journal: Journal, root: str, extension: str, reserved: frozenset[str], changed: bool) -> int:

@@ -29,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 
+from dumpwatch.fsops import entries_below
 from dumpwatch.journal import printable
 
 MAX_CONTEXTS = 128  # presentation contexts in one association: odd IDs 1..255
@@ -176,22 +177,8 @@ def list_folder(folder: Path) -> Listing:
 def _walk(root: str, listing: Listing) -> Iterator[str]:
     """Every entry below root that is not a folder, in name order; a folder that cannot be
     listed is noted in listing.unsendable (its files are not sent)."""
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as entries:
-                listed = sorted(entries, key=lambda e: e.name)
-        except OSError as exc:
-            listing.unsendable.append((folder, f"cannot list this folder: {exc.strerror}"))
-            continue
-        folders = []
-        for entry in listed:
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.path)
-            else:
-                yield entry.path
-        stack.extend(reversed(folders))
+    return entries_below(root, lambda folder, exc: listing.unsendable.append(
+        (folder, f"cannot list this folder: {exc.strerror}")))
 
 
 def profile_text(pairs: Iterable[tuple[str, str]]) -> str:
