@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -85,7 +86,14 @@ def run_process(*args: str, env: dict | None = None, cwd: Path | None = None,
     (prlimit, for a memory limit)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*prefix, sys.executable, "-m", "dumpwatch", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
+                          env=full_env, cwd=cwd, timeout=300, preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """In the child: Ctrl-C as a terminal gives it. A test run started in the background by a
+    shell without job control inherits SIGINT ignored, and a dumpwatch started so rightly
+    leaves it ignored: the Ctrl-C tests would then test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tree_of(root: Path) -> dict[str, str]:
