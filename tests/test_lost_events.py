@@ -1,5 +1,6 @@
-"""Lost events: when the kernel's inotify queue overflows, events are dropped for good
-(../shared/FIELD-NOTES.md); serve notices and sweeps, and sorts every file anyway."""
+"""Lost events: when the kernel's inotify queue overflows, events are dropped for good (a
+flood at 41k files/s lost 9,000 of 20,000 here, docs/reliability.md); serve notices and
+sweeps, and sorts every file anyway."""
 
 from __future__ import annotations
 
