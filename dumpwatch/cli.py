@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import logging.handlers
@@ -29,6 +30,7 @@ from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")
+STOP_REPORT = 20  # seconds: a stop taking longer writes where serve waits (supervisord's stopwaitsecs is 30)
 
 
 @dataclass
@@ -62,6 +64,14 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, 
         handler.setFormatter(form)
         handler.dumpwatch = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+def _log_stream():
+    """The log file's stream if there is one, else stderr."""
+    for handler in logging.getLogger("dumpwatch").handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler) and handler.stream is not None:
+            return handler.stream
+    return sys.stderr
 
 
 def reopen_log() -> None:
@@ -216,10 +226,17 @@ def serve_command(options: Options) -> None:
     # Without a log file, stderr is the log: supervisord and journald keep it.
     setup_logging(cfg, options.verbose, logging.WARNING if cfg.fname_log else logging.INFO)
     stop = threading.Event()
+
+    def on_stop(*_: object) -> None:
+        stop.set()
+        # A stop takes a moment (the files in hand are finished). Should it take far longer,
+        # where each thread waits goes to the log, for whoever must find out why.
+        faulthandler.dump_traceback_later(STOP_REPORT, exit=False, file=_log_stream())
+
     # From the first moment: a stop during start-up (recovery may take a while) then ends
     # serve cleanly, as soon as it is ready, instead of killing it half-way.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_stop)
     # SIGHUP (whose default is to end the process) asks for the log to be reopened. The
     # handler only passes that on: the loop does it on its own thread, never mid-write.
     # The workers, forked later, inherit it: a SIGHUP to the process group spares them too.

@@ -414,11 +414,18 @@ class Server:
         the sweep for those comes (at half) before newer files take their place."""
         return self.cfg.in_hand // 2 if self.backlog else self.cfg.in_hand
 
+    def _let_wait(self) -> None:
+        """A new arrival finds no room in hand: it waits in the dump. Said once a backlog."""
+        if not self.backlog:
+            log.info("%d files in hand (in_hand %d): newer files wait in the dump until there is room",
+                     self._in_hand(), self.cfg.in_hand)
+        self.backlog = True
+
     def _want(self, path: str) -> None:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
         if path not in self.changed and self._in_hand() >= self._room():
-            self.backlog = True  # it stays in the dump; a sweep takes it when there is room
+            self._let_wait()  # it stays in the dump; a sweep takes it when there is room
             return
         self.changed.pop(path, None)  # closed by its writer: finished now
         self.busy.add(path)
@@ -494,7 +501,7 @@ class Server:
         if path in self.busy or os.path.dirname(path) != str(self.dump) or os.path.basename(path) == LOCK_NAME:
             return
         if path not in self.changed and self._in_hand() >= self._room():
-            self.backlog = True  # as in _want
+            self._let_wait()  # as in _want
             return
         try:
             self.changed[path] = (moment, _signature(os.lstat(path)))

@@ -422,11 +422,29 @@ class Flood:
     overflowed: bool  # serve saw the overflow (and swept at once)
 
 
-def flood(site: Path, source: Path, queue: int | None) -> Flood:
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (serve's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def flood(site: Path, source: Path, queue: int | None, hold_until: str = "") -> Flood:
     """Start serve while the kernel's inotify queue limit is `queue` events (the limit applies
     to a watch made while it holds; it is put back as soon as serve watches), then write every
     file of source into the dump as fast as one process can: the queue overflows and events
-    are lost. Returns how long the sweep took to sort what the events missed."""
+    are lost. Returns how long the sweep took to sort what the events missed.
+
+    hold_until: serve's worker processes are stopped (SIGSTOP) while the files are written,
+    and go on once serve's log says this: on any machine, files arrive faster than serve
+    sorts them."""
     dump = site / "dump"
     dump.mkdir(parents=True, exist_ok=True)
     log = site / "dumpwatch.out"
@@ -442,13 +460,25 @@ def flood(site: Path, source: Path, queue: int | None) -> Flood:
     finally:
         if queue is not None:
             QUEUE.write_text(old)
+    held = children(process.pid) if hold_until else []
     try:
-        names = sorted(os.listdir(source))
-        started = time.monotonic()
-        for name in names:
-            with open(source / name, "rb") as reader, open(dump / name, "wb") as writer:
-                writer.write(reader.read())
-        written = time.monotonic()
+        assert held or not hold_until, "serve has no worker processes to hold"
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            names = sorted(os.listdir(source))
+            started = time.monotonic()
+            for name in names:
+                with open(source / name, "rb") as reader, open(dump / name, "wb") as writer:
+                    writer.write(reader.read())
+            written = time.monotonic()
+            deadline = written + 60
+            while hold_until and hold_until not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, f"serve never said {hold_until!r}"
+                time.sleep(0.02)
+        finally:
+            for pid in held:
+                os.kill(pid, signal.SIGCONT)
         while _remaining(dump) and time.monotonic() - written < 300:
             time.sleep(0.01)
         done = time.monotonic()

@@ -32,14 +32,17 @@ def test_an_inotify_overflow_loses_no_file(tmp_path):
 
 
 def test_a_backlog_beyond_in_hand_waits_in_the_dump_and_is_all_sorted(tmp_path):
-    """Files arrive far faster than serve sorts them: beyond in_hand, serve lets their events
-    go (memory stays flat) and takes them from the dump as it catches up."""
+    """Files arrive far faster than serve sorts them (its workers are held while they arrive):
+    beyond in_hand, serve lets their events go (memory stays flat) and takes them from the
+    dump as it catches up."""
     source = tmp_path / "arriving"
     shutil.copytree(corpus_cache(300), source)
     site = tmp_path / "site"
     write_config(site, anonymise=False, sweep_interval=600, in_hand=100)  # no timely periodic sweep
-    result = flood(site, source, queue=None)
+    result = flood(site, source, queue=None, hold_until="newer files wait in the dump until there is room")
     assert not result.overflowed
+    out = (site / "dumpwatch.out").read_text()
+    assert "100 files in hand (in_hand 100): newer files wait in the dump until there is room" in out
     assert "more files wait in the dump than in_hand (100): taking more" in (site / "dumpwatch.out").read_text()
     assert_dump_empty(site / "dump")
     assert len(tree_sops(site / "sorted")) == result.files == 300

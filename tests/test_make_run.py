@@ -127,6 +127,11 @@ class MakeRun:
         path = self.var / "supervisord.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def logs(self) -> str:
+        """supervisord's log, and serve's if it has a file of its own: for a failure's message."""
+        serve = self.cfg.parent / "serve.log"
+        return self.supervisord_log() + (f"\n--- {serve}:\n{serve.read_text(errors='replace')}" if serve.exists() else "")
+
     def wait_ready(self) -> None:
         wait_for(lambda: READY in self.output() or self.shell.poll() is not None, START, "make run to be ready")
         assert READY in self.output(), self.output()
@@ -175,7 +180,8 @@ def make_run(tmp_path):
     runs: list[MakeRun] = []
 
     def start(cfg: Path | None = None, var: Path | None = None) -> MakeRun:
-        cfg = cfg or write_config(tmp_path / "site", workers=1)
+        # serve's own log in a file too: what it said is kept after the terminal's reader is gone
+        cfg = cfg or write_config(tmp_path / "site", workers=1, fname_log=tmp_path / "site" / "serve.log")
         run = MakeRun(cfg, var or tmp_path / "var")
         runs.append(run)
         return run
@@ -216,7 +222,7 @@ def test_make_run_receives_refuses_a_second_run_and_ends_on_ctrl_c(make_run, tmp
     os.killpg(run.shell.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground process group
     took = run.assert_all_gone()
     print(f"Ctrl-C: all gone in {took:.1f} s")
-    assert "stopped: dumpwatch (exit status 0)" in run.supervisord_log(), run.supervisord_log()
+    assert "stopped: dumpwatch (exit status 0)" in run.supervisord_log(), run.logs()
     assert "stopped: storescp (terminated by SIGTERM)" in run.supervisord_log(), run.supervisord_log()
 
 
@@ -237,7 +243,7 @@ def test_nothing_is_left_running_however_make_run_ends(make_run, ending):
     if ending == "supervisord is killed":  # nothing could stop them but make run itself
         assert "supervisord ended unexpectedly (killed by SIGKILL)" in run.output(), run.output()
     else:  # supervisord stopped both as on a server: serve finished cleanly
-        assert "stopped: dumpwatch (exit status 0)" in run.supervisord_log(), run.supervisord_log()
+        assert "stopped: dumpwatch (exit status 0)" in run.supervisord_log(), run.logs()
     if ending == "make gets SIGTERM":
         assert "make run: stopped; nothing of it is left running" in run.output(), run.output()
 

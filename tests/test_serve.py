@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -223,6 +224,41 @@ def test_a_dead_worker_is_replaced_and_serve_goes_on(site, template_file):
         wait_for(lambda: settled(site, 1) or serve.process.poll() is not None, 30, "a file sorted by the new pool")
         assert serve.process.poll() is None, serve.output()
     finally:
+        assert serve.stop() == 0, serve.output()
+
+
+def test_a_stop_finishes_the_file_in_hand_and_says_where_it_waits_when_slow(site, template_file, monkeypatch):
+    """SIGTERM while a worker holds a file: serve sorts it before it exits, however long that
+    takes; should the stop take longer than STOP_REPORT seconds, the log shows where each
+    thread waits (for whoever must find out why, before a supervisor's SIGKILL)."""
+    monkeypatch.setenv("DUMPWATCH_FAILPOINTS", "read~MR.slow=:STOP")  # its worker stops as it reads it
+    cfg = write_config(site.parent, fname_log=site.parent / "dumpwatch.log")
+    serve = Serve(cfg)
+    try:
+        make_dicom(site.parent / "dump" / "MR.slow", template_file)
+
+        def stopped_worker() -> int | None:
+            for pid in subprocess.run(["pgrep", "-P", str(serve.process.pid)], capture_output=True,
+                                      text=True).stdout.split():
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                    return int(pid)
+            return None
+
+        worker = wait_for(stopped_worker, 30, "the worker to stop on the file")
+        serve.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Timeout (0:00:20)!" in serve.log_file.read_text(), 60, "where serve waits, in its log")
+        assert serve.process.poll() is None, serve.output()
+        log = serve.log_file.read_text()
+        assert "stopping: finishing the files in hand" in log
+        assert re.search(r'File ".*/dumpwatch/watcher\.py", line \d+ in run', log), log
+        os.kill(worker, signal.SIGCONT)
+        assert serve.process.wait(timeout=60) == 0, serve.output()
+        assert len(tree_of(site.parent / "sorted")) == 1, serve.output()
+        assert not dump_files(site), serve.output()
+    finally:
+        for pid in subprocess.run(["pgrep", "-P", str(serve.process.pid)], capture_output=True,
+                                  text=True).stdout.split():
+            os.kill(int(pid), signal.SIGCONT)
         assert serve.stop() == 0, serve.output()
 
 
