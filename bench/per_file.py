@@ -24,7 +24,7 @@ from pydicom import dcmread  # noqa: E402
 from dumpwatch.anonymise import Anonymiser  # noqa: E402
 from dumpwatch.dicomfile import read_dicom  # noqa: E402
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, friendly_name, naming_tags  # noqa: E402
-from dumpwatch.pipeline import Job, prepare  # noqa: E402
+from dumpwatch.prepare import Job, prepare  # noqa: E402
 from dumpwatch.rules import RULES_DIR, load_profile  # noqa: E402
 from dumpwatch.workers import quiet_pydicom  # noqa: E402
 

@@ -26,7 +26,7 @@ WORK = HERE / "out"
 PEERS = WORK / "venv-dicomsort"
 sys.path.insert(0, str(HERE))
 
-from dumpwatch.pipeline import WRITEBACK_SECONDS  # noqa: E402
+from dumpwatch.prepare import WRITEBACK_SECONDS  # noqa: E402
 
 from corpus import make_corpus  # noqa: E402
 

@@ -21,7 +21,7 @@ from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_con
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
-from dumpwatch.pipeline import Outcome
+from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
@@ -41,7 +41,7 @@ class Options:
 
 def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, per_file: bool = True) -> None:
     """INFO and up to the log file (if fname_log is set); to stderr, stderr_level unless -v,
-    and records about one file's outcome (pipeline.PER_FILE) only if per_file or -v."""
+    and records about one file's outcome (outcomes.PER_FILE) only if per_file or -v."""
     quiet_pydicom()
     root = logging.getLogger("dumpwatch")
     for handler in [h for h in root.handlers if getattr(h, "dumpwatch", False)]:
@@ -184,11 +184,11 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         if bar is not None:
             bar.update(count)
 
-    def explain(outcome: Outcome) -> None:
+    def explain(outcome: Handled) -> None:
         source = printable(os.path.relpath(outcome.source, folder))
-        if outcome.outcome in ("sorted", "duplicate"):
+        if outcome.outcome in (Outcome.SORTED, Outcome.DUPLICATE):
             target = os.path.relpath(outcome.detail, out_dir)
-            arrow = "->" if outcome.outcome == "sorted" else "=="
+            arrow = "->" if outcome.outcome == Outcome.SORTED else "=="
             click.echo(f"{outcome.outcome:<11} {source} {arrow} {target}")
         else:
             click.echo(f"{outcome.outcome:<11} {source}: {printable(outcome.detail)}")

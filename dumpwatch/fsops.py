@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import hashlib
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dumpwatch import linux
 from dumpwatch.errors import Rejected
 from dumpwatch.naming import is_safe_component
 
 log = logging.getLogger(__name__)
 
 AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
-if _renameat2 is not None:
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _noreplace_unsupported: set[int] = set()  # st_dev of filesystems that refused RENAME_NOREPLACE
 
 
@@ -36,11 +33,11 @@ def move_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, device:
     after a kill between those two, both names hold the same inode, which the journal's
     recovery and the duplicate check both recognise.
     """
-    if _renameat2 is not None and device not in _noreplace_unsupported:
-        if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+    if device not in _noreplace_unsupported:
+        code = linux.rename_noreplace(src_dir_fd, src, dst_dir_fd, dst)
+        if code == 0:
             return
-        code = ctypes.get_errno()
-        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        if code is not None and code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(code, os.strerror(code), dst)
         log.info("this filesystem has no RENAME_NOREPLACE; using link and unlink")
         _noreplace_unsupported.add(device)
@@ -199,3 +196,41 @@ def entries_below(root: str, unlistable: Callable[[str, OSError], None],
             else:
                 yield entry.path
         stack.extend(reversed(folders))
+
+
+def file_sha256(path: str, dir_fd: int | None = None) -> str | None:
+    """sha256 of a regular file (never through a symlink); None if it is not one or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with open(fd, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def folder_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the folder holding path; None if it cannot be looked at."""
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_inode(a: str, b: str) -> bool:
+    """True if the names a and b are links to one file."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def remove_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

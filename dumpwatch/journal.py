@@ -12,9 +12,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from dumpwatch.keys import name_token, new_uid, path_token
+from dumpwatch.outcomes import Outcome
 from dumpwatch.state import UnsafeState, fd_path
-
-OUTCOMES = ("sorted", "duplicate", "quarantined", "left", "renamed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -228,7 +227,7 @@ class Journal:
             )
             for number, entry in enumerate(entries):
                 entry.id = first + number
-            self._drop_repeats(db, [e for e in entries if e.outcome == "left"])
+            self._drop_repeats(db, [e for e in entries if e.outcome == Outcome.LEFT])
 
     def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
         """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""

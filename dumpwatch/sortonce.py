@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from dumpwatch.config import Config
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import printable
-from dumpwatch.pipeline import Outcome, Sorter, chunked
+from dumpwatch.outcomes import Handled, Outcome
+from dumpwatch.sorter import Sorter
 from dumpwatch.watcher import LOCK_NAME, read_lock
 from dumpwatch.workers import Workers
 
@@ -125,7 +127,7 @@ class Summary:
     """Counts of outcomes, and of the reasons of files not sorted, for the report at the end."""
 
     counts: Counter = field(default_factory=Counter)
-    problems: list[Outcome] = field(default_factory=list)  # the first few files not sorted
+    problems: list[Handled] = field(default_factory=list)  # the first few files not sorted
     reasons: Counter = field(default_factory=Counter)  # (outcome, reason) -> files
     examples: dict[tuple[str, str], str] = field(default_factory=dict)  # (outcome, reason) -> its first file
     unreadable: list[str] = field(default_factory=list)
@@ -134,10 +136,10 @@ class Summary:
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
 
-    def add(self, outcomes: list[Outcome]) -> None:
+    def add(self, outcomes: list[Handled]) -> None:
         for outcome in outcomes:
             self.counts[outcome.outcome] += 1
-            if outcome.outcome not in ("quarantined", "left"):
+            if outcome.outcome not in (Outcome.QUARANTINED, Outcome.LEFT):
                 continue
             if len(self.problems) < _SHOWN:
                 self.problems.append(outcome)
@@ -154,7 +156,7 @@ class Summary:
     def exit_code(self) -> int:
         if self.stopped:
             return EXIT_INTERRUPTED if self.stopped == "interrupted" else EXIT_ERROR
-        if self.counts["quarantined"] or self.counts["left"] or self.unreadable or self.served:
+        if self.counts[Outcome.QUARANTINED] or self.counts[Outcome.LEFT] or self.unreadable or self.served:
             return EXIT_NOT_ALL
         return EXIT_OK
 
@@ -170,16 +172,17 @@ class Summary:
             else:
                 lines.append(f"    {outcome} ({count} files, e.g. {example}): {printable(reason)}")
             shown[outcome] += count
-        hidden = {o: self.counts[o] - shown[o] for o in ("quarantined", "left") if self.counts[o] > shown[o]}
+        kept = (Outcome.QUARANTINED, Outcome.LEFT)
+        hidden = {o: self.counts[o] - shown[o] for o in kept if self.counts[o] > shown[o]}
         if hidden:
             files = sum(hidden.values())
             where = []
             if dry_run:
                 where.append("each is listed above")
             else:
-                if "quarantined" in hidden:
+                if Outcome.QUARANTINED in hidden:
                     where.append(f"the .reason.txt beside each quarantined file in {cfg.quarantine_dir}")
-                if "left" in hidden:
+                if Outcome.LEFT in hidden:
                     where.append("`dumpwatch where NAME` for each file left in place")
             lines.append(f"    ... and {files} more file{'s' if files != 1 else ''} with other reasons: "
                          + " or ".join(where))
@@ -191,14 +194,14 @@ class Summary:
         lines = [f"{self.total} files in {self.elapsed:.1f} s ({rate:,.0f} files/s)"
                  + (" - dry run, nothing changed" if dry_run else "")]
         rows = [
-            ("sorted", f"into {cfg.dir_out}"),
-            ("duplicate", "identical to a sorted file" + ("" if dry_run else ", not added again")),
-            ("quarantined", f"in {cfg.quarantine_dir}, each with a .reason.txt"),
-            ("left", "in place, to try again"),
+            (Outcome.SORTED, f"into {cfg.dir_out}"),
+            (Outcome.DUPLICATE, "identical to a sorted file" + ("" if dry_run else ", not added again")),
+            (Outcome.QUARANTINED, f"in {cfg.quarantine_dir}, each with a .reason.txt"),
+            (Outcome.LEFT, "in place, to try again"),
         ]
         for key, note in rows:
             lines.append(f"  {key:<12}{self.counts[key]:>7}  {note if self.counts[key] else ''}".rstrip())
-        if self.counts["gone"]:
+        if self.counts[Outcome.GONE]:
             lines.append(f"  {'vanished':<12}{self.counts['gone']:>7}  {verb} removed by something else while sorting")
         lines += self._reasons(cfg, dry_run)
         for folder in self.unreadable:
@@ -219,7 +222,7 @@ def sort_dir(
     *,
     copy: bool = False,
     dry_run: bool = False,
-    on_outcome: Callable[[Outcome], None] | None = None,
+    on_outcome: Callable[[Handled], None] | None = None,
     progress: Callable[[int], None] | None = None,
     count_first: Callable[[int], None] | None = None,
 ) -> Summary:
@@ -261,10 +264,16 @@ def sort_dir(
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
         sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
-    if dry_run and summary.counts["quarantined"] and cfg.quarantine_dir is not None:
+    if dry_run and summary.counts[Outcome.QUARANTINED] and cfg.quarantine_dir is not None:
         try:
             probe_writable(cfg.quarantine_dir, "the quarantine")
         except ConfigError as exc:
             summary.notes.append(f"{exc}: a real run would leave the files it would quarantine in place")
     summary.elapsed = time.perf_counter() - started
     return summary
+
+
+def chunked(items: Iterable[str], size: int) -> Iterable[list[str]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

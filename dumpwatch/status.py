@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dumpwatch.config import Config
 from dumpwatch.journal import printable
-from dumpwatch.pipeline import STILL_ARRIVING, disk_full
+from dumpwatch.reasons import STILL_ARRIVING, disk_full
 from dumpwatch.watcher import LOCK_NAME, read_lock
 
 _RECENT = 5  # quarantined files listed with their reasons

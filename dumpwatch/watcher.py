@@ -34,7 +34,9 @@ from watchdog.observers.polling import PollingObserver
 
 from dumpwatch.config import Config
 from dumpwatch.journal import now
-from dumpwatch.pipeline import Outcome, Sorter, disk_full, os_reason
+from dumpwatch.outcomes import Handled
+from dumpwatch.reasons import disk_full, os_reason
+from dumpwatch.sorter import Sorter
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -554,7 +556,7 @@ class Server:
             self._set_aside(results)
             raise
         try:
-            outcomes: list[Outcome] = self.sorter.handle(results)
+            outcomes: list[Handled] = self.sorter.handle(results)
         except (sqlite3.Error, OSError) as exc:
             self._set_aside(results)
             self._pause(exc)

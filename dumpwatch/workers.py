@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
@@ -17,16 +16,15 @@ from pathlib import Path
 
 from pydicom import config as pydicom_config
 
-from dumpwatch import failpoints, keys
-from dumpwatch.pipeline import Failed, Job, Prepared, prepare
+from dumpwatch import failpoints, keys, linux
+from dumpwatch.outcomes import Failed, Outcome, Prepared
+from dumpwatch.prepare import Job, prepare
 
 log = logging.getLogger(__name__)
 
 Result = Prepared | Failed
 
 _job: Job | None = None
-_PR_SET_PDEATHSIG = 1
-_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def quiet_pydicom() -> None:
@@ -42,8 +40,7 @@ def _start_worker(job: Job, parent: int, nice: int) -> None:
     _job = job
     # A worker must not outlive its parent: after a kill -9 of dumpwatch, an orphan would
     # hold the locks it inherited, and the restarted dumpwatch could not start.
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
     # The parent decides when to stop: Ctrl-C reaches the whole process group, and systemd
@@ -173,7 +170,7 @@ class Workers:
             self.suspects.end(path)
             log.error("%s: dumpwatch stopped twice while reading it alone: to the quarantine",
                       self.job.shown(path))
-            return Failed(path, "quarantine", "it stopped dumpwatch itself twice while it was read alone")
+            return Failed(path, Outcome.QUARANTINED, "it stopped dumpwatch itself twice while it was read alone")
         failpoints.hit("alone", path)
         assert self.pool is not None
         try:
@@ -183,7 +180,8 @@ class Workers:
             log.error("%s stopped its reading process again, alone (%s): to the quarantine",
                       self.job.shown(path), how)
             self.restart()
-            result = Failed(path, "quarantine", f"it stopped the reading process twice (the second time alone: {how})")
+            result = Failed(path, Outcome.QUARANTINED,
+                            f"it stopped the reading process twice (the second time alone: {how})")
         self.suspects.end(path)
         return result
 

@@ -26,7 +26,6 @@ reached them either, and storescp and serve stayed behind with the port. Here:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from dumpwatch.config import load_config
 from dumpwatch.errors import ConfigError
+from dumpwatch.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from dumpwatch.status import listening
 from dumpwatch.watcher import read_lock
 
@@ -51,20 +51,9 @@ BIN = Path(sys.executable).parent  # the venv's: supervisord and dumpwatch are b
 SUPERVISORD_CONF = REPO / "etc" / "supervisord.conf"
 RUN_LOCK = "run.pid"  # in VAR: held by the running `make run`, with its pid
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 STOP_WAIT = 60  # seconds supervisord has to stop both (serve may finish a file: stopwaitsecs = 30)
 ORPHAN_WAIT = 20  # seconds what supervisord left has to end after SIGTERM, before SIGKILL
 _FATAL = re.compile(rb"gave up: (\S+) entered FATAL state")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def prctl(option: int, value: int) -> None:
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
 
 def say(text: str) -> None:
     """A line of our own on stderr (which may be a closed pipe by now)."""

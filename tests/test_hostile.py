@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from dumpwatch.config import Config
 from dumpwatch.dicomfile import data_set_identity
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
-from dumpwatch.pipeline import Outcome
+from dumpwatch.outcomes import Handled
 from dumpwatch.sortonce import sort_dir
 
 from conftest import FIELDMAP, TESTDATA, make_dicom, run, tree_of
@@ -65,19 +65,19 @@ def sort_config(base: Path, template: Template = TEMPLATES[0]) -> Config:
                   incomplete_timeout=0)
 
 
-def sort_inputs(base: Path, inputs: dict[str, bytes], cfg: Config) -> dict[str, Outcome]:
+def sort_inputs(base: Path, inputs: dict[str, bytes], cfg: Config) -> dict[str, Handled]:
     """Write inputs into base/dump, sort them in-process, and check where each one went."""
     dump = base / "dump"
     dump.mkdir()
     for name, data in inputs.items():
         (dump / name).write_bytes(data)
-    outcomes: list[Outcome] = []
+    outcomes: list[Handled] = []
     summary = sort_dir(dump, cfg, on_outcome=outcomes.append)
     assert not summary.stopped and not summary.unreadable
     return check_landed(base, inputs, outcomes, cfg)
 
 
-def check_landed(base: Path, inputs: dict[str, bytes], outcomes: list[Outcome], cfg: Config) -> dict[str, Outcome]:
+def check_landed(base: Path, inputs: dict[str, bytes], outcomes: list[Handled], cfg: Config) -> dict[str, Handled]:
     """Every input is in the tree at a safe place or in the quarantine with its reason, with
     its bytes unchanged; the dump is empty; nothing was made beside dump, tree and quarantine."""
     by_name = {Path(o.source).name: o for o in outcomes}

@@ -130,7 +130,8 @@ class MakeRun:
     def logs(self) -> str:
         """supervisord's log, and serve's if it has a file of its own: for a failure's message."""
         serve = self.cfg.parent / "serve.log"
-        return self.supervisord_log() + (f"\n--- {serve}:\n{serve.read_text(errors='replace')}" if serve.exists() else "")
+        own = f"\n--- {serve}:\n{serve.read_text(errors='replace')}" if serve.exists() else ""
+        return self.supervisord_log() + own
 
     def wait_ready(self) -> None:
         wait_for(lambda: READY in self.output() or self.shell.poll() is not None, START, "make run to be ready")

@@ -18,7 +18,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
 
 from dumpwatch.config import Config
-from dumpwatch.pipeline import Prepared, Sorter
+from dumpwatch.outcomes import Prepared
+from dumpwatch.sorter import Sorter
 from dumpwatch.workers import Workers
 
 from conftest import FIELDMAP, make_dicom, run_process, tree_of

@@ -17,7 +17,7 @@ from pydicom.uid import UID, generate_uid
 
 from dumpwatch.config import read_config
 from dumpwatch.dicomfile import IN_MEMORY_MAX
-from dumpwatch.pipeline import Outcome
+from dumpwatch.outcomes import Handled
 from dumpwatch.sortonce import sort_dir
 
 from conftest import tree_of
@@ -80,7 +80,7 @@ def test_files_over_64_mib_are_read_whole_with_or_without_anonymising(tmp_path, 
             lengths[name] = big_enhanced(dump / name, testdata / ENHANCED, side, f"<{name}>".encode(), **fields)
             assert os.path.getsize(dump / name) > IN_MEMORY_MAX
         cfg = read_config(site_config(tmp_path, mode))
-        outcomes: list[Outcome] = []
+        outcomes: list[Handled] = []
         summary = sort_dir(dump, cfg, on_outcome=outcomes.append)
         assert summary.counts["sorted"] == 3, [(o.source, o.outcome, o.detail) for o in outcomes]
         assert not (tmp_path / "q").exists()
@@ -159,7 +159,7 @@ def test_a_file_meta_naming_the_wrong_transfer_syntax(tmp_path, testdata, mode):
         mislabelled(dump / name, testdata / rel, syntax, number)
         sources[name] = dcmread(testdata / rel)
     cfg = read_config(site_config(tmp_path, mode))
-    outcomes: list[Outcome] = []
+    outcomes: list[Handled] = []
     summary = sort_dir(dump, cfg, on_outcome=outcomes.append)
     assert not summary.stopped
     assert os.listdir(dump) == []

@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from dumpwatch.config import Config
-from dumpwatch.pipeline import Outcome
+from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.sortonce import Summary, sort_dir
 
 from conftest import FIELDMAP, below, copy_testdata, make_dicom, run, run_process, tree_of
@@ -274,21 +274,21 @@ def test_a_tree_no_one_may_write_in_is_one_line_per_reason_not_per_file(testdata
 
 def test_the_summary_counts_reasons_and_points_where_the_others_are(tmp_path):
     summary = Summary()
-    summary.add([Outcome("/dump/busy0", "left", "busy")])
-    summary.add([Outcome(f"/dump/q{n}", "quarantined", f"reason {n % 25}") for n in range(50)])
-    summary.add([Outcome(f"/dump/busy{n}", "left", "busy") for n in range(1, 30)])
+    summary.add([Handled("/dump/busy0", Outcome.LEFT, "busy")])
+    summary.add([Handled(f"/dump/q{n}", Outcome.QUARANTINED, f"reason {n % 25}") for n in range(50)])
+    summary.add([Handled(f"/dump/busy{n}", Outcome.LEFT, "busy") for n in range(1, 30)])
     lines = summary.render(config(tmp_path), dry_run=False).splitlines()
     assert "    left (30 files, e.g. /dump/busy0): busy" in lines
     assert "    quarantined (2 files, e.g. /dump/q0): reason 0" in lines
     assert len([line for line in lines if line.startswith("    quarantined (2 files")]) == 19  # 20 reasons in all
     assert lines[-1] == (f"    ... and 12 more files with other reasons: the .reason.txt beside each quarantined "
                          f"file in {tmp_path / 'quarantine'}")
-    summary.add([Outcome(f"/dump/other{n}", "left", f"other {n}") for n in range(3)])
+    summary.add([Handled(f"/dump/other{n}", Outcome.LEFT, f"other {n}") for n in range(3)])
     lines = summary.render(config(tmp_path), dry_run=False).splitlines()
     assert lines[-1].startswith("    ... and 15 more files with other reasons: the .reason.txt")
     assert lines[-1].endswith(" or `dumpwatch where NAME` for each file left in place")
     single = Summary()
-    single.add([Outcome("/dump/MR.1", "quarantined", "not a DICOM file")])
+    single.add([Handled("/dump/MR.1", Outcome.QUARANTINED, "not a DICOM file")])
     assert single.render(config(tmp_path), dry_run=False).splitlines()[-1] == (
         "    quarantined: /dump/MR.1: not a DICOM file")
 
@@ -663,7 +663,9 @@ def test_hostile_numbers_and_long_dump_names(tmp_path, template_file):
 
 def test_a_duplicate_of_a_file_that_could_not_be_placed_stays(tmp_path, template_file):
     """Two identical files in one batch: if the first is not placed, the second is kept."""
-    from dumpwatch.pipeline import Prepared, Sorter, prepare
+    from dumpwatch.outcomes import Prepared
+    from dumpwatch.prepare import prepare
+    from dumpwatch.sorter import Sorter
 
     source = tmp_path / "dump"
     first = make_dicom(source / "a", template_file)
@@ -684,7 +686,8 @@ def test_a_duplicate_of_a_file_that_could_not_be_placed_stays(tmp_path, template
 
 
 def test_a_file_changed_after_it_was_read_is_read_again(tmp_path, template_file):
-    from dumpwatch.pipeline import Sorter, prepare
+    from dumpwatch.prepare import prepare
+    from dumpwatch.sorter import Sorter
 
     source = make_dicom(tmp_path / "dump" / "MR.1", template_file)
     with Sorter(config(tmp_path)) as sorter:
