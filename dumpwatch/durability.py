@@ -106,8 +106,8 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[int] = []
-    before = {signum: signal.signal(signum, lambda signum, _: held.append(signum))
+    held: list[signal.Signals] = []
+    before = {signum: signal.signal(signum, lambda signum, _: held.append(signal.Signals(signum)))
               for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -268,10 +268,10 @@ class Journal:
             "DELETE FROM outcomes WHERE name = ? AND source = ? AND outcome = 'left' AND done = 1"
             " AND reason IS ? AND id < ?", rows)
 
-    def forget(self, ids: Iterable[int]) -> None:
-        """Drop rows of moves that never started (found by recovery)."""
+    def forget(self, ids: Iterable[int | None]) -> None:
+        """Drop rows of moves that never started (found by recovery); None: a row never written."""
         with self._transaction() as db:
-            db.executemany("DELETE FROM outcomes WHERE id = ? AND done = 0", [(i,) for i in ids])
+            db.executemany("DELETE FROM outcomes WHERE id = ? AND done = 0", [(i,) for i in ids if i is not None])
 
     def pending(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM outcomes WHERE done = 0 ORDER BY id").fetchall()

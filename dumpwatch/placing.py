@@ -71,6 +71,8 @@ class Batch:
         self.plan()
         if self.sorter.dry_run:
             return [Handled(p.item.source, Outcome(p.decision.outcome), p.entry.dest or "") for p in self.plans]
+        assert self.sorter.journal is not None
+        self.journal = self.sorter.journal
         self.journal_ahead()
         self.flush_sources()
         self.move()
@@ -113,7 +115,7 @@ class Batch:
 
     def journal_ahead(self) -> None:
         """Write-ahead: every move and rename is in the journal, under way, before it happens."""
-        self.sorter.journal.begin([e for p in self.plans for e in (*p.renames, p.entry)])
+        self.journal.begin([e for p in self.plans for e in (*p.renames, p.entry)])
         failpoints.hit("journal-begun")
 
     def flush_sources(self) -> None:
@@ -184,7 +186,11 @@ class Batch:
 
     def settle(self) -> list[Handled]:
         """Journal each plan as it ended: done, left with its reason, or forgotten."""
-        handled, finished, left, forget, stuck = [], [], [], [], []
+        handled: list[Handled] = []
+        finished: list[Entry] = []
+        left: list[Entry] = []
+        forget: list[int | None] = []
+        stuck: list[Entry] = []
         for plan in self.plans:
             item, verdict = plan.item, plan.verdict
             if plan.stuck:
@@ -200,10 +206,9 @@ class Batch:
                 plan.entry.reason = verdict.reason
                 left.append(plan.entry)
         finished += [e for p in self.plans for e in p.renames]  # those not carried out were forgotten
-        journal = self.sorter.journal
-        journal.finish(finished, left)
-        journal.forget(forget)
-        journal.record(stuck)
+        self.journal.finish(finished, left)
+        self.journal.forget(forget)
+        self.journal.record(stuck)
         return handled
 
     # -- helpers of the steps ------------------------------------------------------------
@@ -242,7 +247,7 @@ class Batch:
                   plan.entry.dest, plan.verdict.reason, extra=PER_FILE)
         self.tree.forget(plan.decision.folder)
         self.sorter.unstage(plan.item)
-        self.sorter.journal.forget([r.id for r in plan.renames if not os.path.lexists(r.dest or "")])
+        self.journal.forget([r.id for r in plan.renames if not os.path.lexists(r.dest or "")])
         plan.renames = [r for r in plan.renames if os.path.lexists(r.dest or "")]
 
 

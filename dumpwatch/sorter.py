@@ -116,7 +116,10 @@ class Sorter:
         prepared: list[Prepared] = []
         failed: list[Failed] = []
         for result in results:
-            (prepared if isinstance(result, Prepared) else failed).append(result)
+            if isinstance(result, Prepared):
+                prepared.append(result)
+            else:
+                failed.append(result)
         handled: list[Handled] = []
         with self.tree.locked():
             if prepared:
