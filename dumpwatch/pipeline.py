@@ -26,7 +26,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from dumpwatch import failpoints, keys, rebuild
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.config import Config
-from dumpwatch.dicomfile import DicomFile, NotRegular, Placed, meta_end, read_dicom
+from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
+from dumpwatch.elements import meta_end
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import (
     AT_FDCWD,
@@ -38,6 +39,7 @@ from dumpwatch.fsops import (
     write_all,
     write_new,
 )
+from dumpwatch.identity import Placed
 from dumpwatch.journal import Entry, Journal, now, printable
 from dumpwatch.keys import load_key
 from dumpwatch.naming import Name, Template, friendly_name, header_text, naming_tags
