@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from dumpwatch import __version__
-from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
+from dumpwatch.config import Config, check_layout, load_config
+from dumpwatch.configkeys import KEYS, LEGACY_UNUSED
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
