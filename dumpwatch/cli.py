@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -27,6 +28,9 @@ from dumpwatch.send import Listing, Receiver, Result, SendError, Sent, check_rec
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
 from dumpwatch.workers import quiet_pydicom
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 log = logging.getLogger("dumpwatch")
 STOP_REPORT = 20  # seconds: a stop taking longer writes where serve waits (supervisord's stopwaitsecs is 30)
@@ -180,7 +184,7 @@ class _Progress:
 
     def __init__(self, show: bool):
         self.show = show
-        self.bar = None
+        self.bar: ProgressBar[int] | None = None
 
     def start(self, total: int) -> None:
         if self.show and total:
