@@ -1,9 +1,9 @@
-"""The `dumpwatch` command: thin click commands over the package's functions."""
+"""The `dumpwatch` command: the click group, and the commands that move files (sort-once,
+serve, send). The commands that only look are in checks.py."""
 
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import logging.handlers
 import os
@@ -11,32 +11,29 @@ import signal
 import sqlite3
 import sys
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from dumpwatch import __version__
-from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
+from dumpwatch.checks import check_config, check_rules, config_value, status_command, where
+from dumpwatch.config import Config, check_layout
 from dumpwatch.errors import ConfigError
-from dumpwatch.journal import Journal, printable
-from dumpwatch.keys import load_key
+from dumpwatch.journal import printable
+from dumpwatch.options import Options, config_from, config_option
 from dumpwatch.outcomes import Handled, Outcome
-from dumpwatch.rules import RULES_DIR, load_layer
-from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
+from dumpwatch.send import Listing, Receiver, Result, SendError, Sent, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
-from dumpwatch.status import render, report
 from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
 from dumpwatch.workers import quiet_pydicom
 
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
 log = logging.getLogger("dumpwatch")
 STOP_REPORT = 20  # seconds: a stop taking longer writes where serve waits (supervisord's stopwaitsecs is 30)
-
-
-@dataclass
-class Options:
-    config: str | None
-    verbose: int
 
 
 def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, per_file: bool = True) -> None:
@@ -96,25 +93,6 @@ def reopen_log() -> None:
         log.info("SIGHUP: no log file to reopen (fname_log is not set); going on")
 
 
-def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        ctx.find_object(Options).config = value
-
-
-def config_option(command):
-    """--config after the command's name too (`dumpwatch status --config FILE`), meaning what
-    it means before it; given both ways, the later one counts."""
-    return click.option("--config", metavar="FILE", expose_value=False, callback=_remember_config,
-                        help="Configuration file (else $DUMPWATCH_CONFIG, else ./dumpwatch.cfg).")(command)
-
-
-def _config(options: Options) -> Config:
-    try:
-        return load_config(options.config)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="FILE",
               help="Configuration file (else $DUMPWATCH_CONFIG, else ./dumpwatch.cfg).")
@@ -124,6 +102,13 @@ def _config(options: Options) -> Config:
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """Sort DICOM files that storescp received into <dir_out>/<study>/<series>/<instance>.dcm."""
     ctx.obj = Options(config_path, verbose)
+
+
+cli.add_command(status_command)  # the commands that only look are in checks.py
+cli.add_command(config_value)
+cli.add_command(check_rules)
+cli.add_command(check_config)
+cli.add_command(where)
 
 
 @cli.command("sort-once")
@@ -146,8 +131,30 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
     Example:
         dumpwatch sort-once /srv/dicom/old-dump --out /srv/dicom/sorted
     """
-    cfg = _config(options)
+    cfg = config_from(options)
     folder = Path(os.path.abspath(folder))
+    cfg, out_dir = _sort_once_config(cfg, folder, out, quarantine)
+    setup_logging(cfg, options.verbose, per_file=False)  # the summary counts them by reason
+    bar = _Progress(sys.stderr.isatty() and not dry_run)
+    explain = _explainer(folder, out_dir)
+    try:
+        summary = sort_dir(folder, cfg, copy=copy, dry_run=dry_run, count_first=bar.start, progress=bar.advance,
+                           on_outcome=explain if dry_run else None)
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"the journal {cfg.journal_path} cannot be used: {exc}") from None
+    except ConfigError as exc:  # the anonymisation key: unreadable, or readable by others
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
+    click.echo(summary.render(cfg, dry_run))
+    sys.exit(summary.exit_code)  # 0 all sorted, 3 some not, 1 error, 130 interrupted
+
+
+def _sort_once_config(cfg: Config, folder: Path, out: Path | None, quarantine: Path | None) -> tuple[Config, Path]:
+    """The configuration with sort-once's options, and its sorted tree; UsageError for a
+    folder it must not sort."""
     changes: dict[str, object] = {}
     if out is not None:
         changes["dir_out"] = Path(os.path.abspath(out))
@@ -169,20 +176,32 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         check_layout(cfg)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    setup_logging(cfg, options.verbose, per_file=False)  # the summary counts them by reason
+    return cfg, out_dir
 
-    bar = None
-    show_bar = sys.stderr.isatty() and not dry_run
 
-    def start(total: int) -> None:
-        nonlocal bar
-        if show_bar and total:
-            bar = click.progressbar(length=total, label="Sorting", file=sys.stderr, show_pos=True)
-            bar.__enter__()
+class _Progress:
+    """sort-once's progress bar on stderr, if shown at all: sort_dir counts the files first."""
 
-    def advance(count: int) -> None:
-        if bar is not None:
-            bar.update(count)
+    def __init__(self, show: bool):
+        self.show = show
+        self.bar: ProgressBar[int] | None = None
+
+    def start(self, total: int) -> None:
+        if self.show and total:
+            self.bar = click.progressbar(length=total, label="Sorting", file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _explainer(folder: Path, out_dir: Path) -> Callable[[Handled], None]:
+    """A dry run's line per file: what would happen to it."""
 
     def explain(outcome: Handled) -> None:
         source = printable(os.path.relpath(outcome.source, folder))
@@ -193,20 +212,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
         else:
             click.echo(f"{outcome.outcome:<11} {source}: {printable(outcome.detail)}")
 
-    try:
-        summary = sort_dir(folder, cfg, copy=copy, dry_run=dry_run, count_first=start, progress=advance,
-                           on_outcome=explain if dry_run else None)
-    except OSError as exc:
-        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
-    except sqlite3.Error as exc:
-        raise click.ClickException(f"the journal {cfg.journal_path} cannot be used: {exc}") from None
-    except ConfigError as exc:  # the anonymisation key: unreadable, or readable by others
-        raise click.ClickException(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
-    click.echo(summary.render(cfg, dry_run))
-    sys.exit(summary.exit_code)  # 0 all sorted, 3 some not, 1 error, 130 interrupted
+    return explain
 
 
 @cli.command("serve")
@@ -220,36 +226,12 @@ def serve_command(options: Options) -> None:
     Files already in the dump are sorted at start; a sweep every sweep_interval seconds
     catches anything an event missed. A second serve on the same dump refuses to start.
     """
-    cfg = _config(options)
+    cfg = config_from(options)
     if cfg.dir_dump is None or cfg.dir_out is None:
         raise click.ClickException("serve needs dir_dump and dir_out in the configuration")
     # Without a log file, stderr is the log: supervisord and journald keep it.
     setup_logging(cfg, options.verbose, logging.WARNING if cfg.fname_log else logging.INFO)
-    stop = threading.Event()
-
-    def on_stop(*_: object) -> None:
-        stop.set()
-        # A stop takes a moment (the files in hand are finished). Should it take far longer,
-        # where each thread waits goes to the log, for whoever must find out why.
-        faulthandler.dump_traceback_later(STOP_REPORT, exit=False, file=_log_stream())
-
-    # From the first moment: a stop during start-up (recovery may take a while) then ends
-    # serve cleanly, as soon as it is ready, instead of killing it half-way.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_stop)
-    # SIGHUP (whose default is to end the process) asks for the log to be reopened. The
-    # handler only passes that on: the loop does it on its own thread, never mid-write.
-    # The workers, forked later, inherit it: a SIGHUP to the process group spares them too.
-    server: Server | None = None
-    hangups: list[int] = []
-
-    def hangup(*_: object) -> None:
-        if server is None:
-            hangups.append(1)  # still starting: once the loop runs
-        else:
-            server.call_soon(reopen_log)
-
-    signal.signal(signal.SIGHUP, hangup)
+    signals = _Signals()
     try:
         server = Server(cfg)  # forks the workers: before any thread starts
     except AlreadyServing as exc:
@@ -260,10 +242,9 @@ def serve_command(options: Options) -> None:
                                    "the tree)") from None
     except (OSError, ConfigError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
-    if hangups:
-        server.call_soon(reopen_log)
+    signals.serving(server)
     try:
-        server.run(stop)
+        server.run(signals.stop)
     except (ServeFailed, OSError) as exc:
         log.error("stopping: %s", exc)
         sys.exit(EXIT_ERROR)
@@ -275,132 +256,39 @@ def serve_command(options: Options) -> None:
     log.info("stopped")
 
 
-@cli.command("status")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for monitoring.")
-@click.pass_obj
-def status_command(options: Options, as_json: bool) -> None:
-    """Is all well? storescp listening, the watcher alive, the dump's backlog, recent
-    sorting, the quarantine. Exit status 0 when healthy, 1 when not (for monitoring)."""
-    cfg = _config(options)
-    data = report(cfg)
-    click.echo(json.dumps(data, indent=2) if as_json else render(data))
-    sys.exit(0 if data["healthy"] else EXIT_ERROR)
+class _Signals:
+    """serve's signals, handled from the first moment: a stop during start-up (recovery may
+    take a while) then ends serve cleanly, as soon as it is ready, instead of killing it
+    half-way."""
 
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.on_stop)
+        # SIGHUP (whose default is to end the process) asks for the log to be reopened. The
+        # handler only passes that on: the loop does it on its own thread, never mid-write.
+        # The workers, forked later, inherit it: a SIGHUP to the process group spares them too.
+        self.server: Server | None = None
+        self.hangups: list[int] = []
+        signal.signal(signal.SIGHUP, self.hangup)
 
-@cli.command("config-value")
-@config_option
-@click.argument("keys", nargs=-1, required=True)
-@click.pass_obj
-def config_value(options: Options, keys: tuple[str, ...]) -> None:
-    """Print configuration values, one a line (for scripts/storescp.sh).
+    def on_stop(self, *_: object) -> None:
+        self.stop.set()
+        # A stop takes a moment (the files in hand are finished). Should it take far longer,
+        # where each thread waits goes to the log, for whoever must find out why.
+        faulthandler.dump_traceback_later(STOP_REPORT, exit=False, file=_log_stream())
 
-    \b
-    Example:
-        dumpwatch --config /etc/dumpwatch.cfg config-value port aetitle dir_dump
-    """
-    cfg = _config(options)
-    for key in keys:
-        name = key.lower()
-        if name not in KEYS:
-            raise click.UsageError(f"no such key: {key}")
-        value = {"dir_quarantine": cfg.quarantine_dir, "journal": cfg.journal_path}.get(name, getattr(cfg, name))
-        if value is None:
-            raise click.ClickException(f"{key} is not set in {cfg.path or 'the configuration'}")
-        text = str(value)
-        if "\n" in text:
-            raise click.ClickException(f"{key} holds a line break")
-        click.echo(text)
+    def hangup(self, *_: object) -> None:
+        if self.server is None:
+            self.hangups.append(1)  # still starting: once the loop runs
+        else:
+            self.server.call_soon(reopen_log)
 
-
-@cli.command("check-rules")
-@config_option
-@click.pass_obj
-def check_rules(options: Options) -> None:
-    """Check every rule layer in rules_dir and the configured anon_profile; print what the
-    profile does. Exit status 1 on the first mistake, named by file, line and key."""
-    cfg = _config(options)
-    rules_dir = cfg.rules_dir or RULES_DIR
-    try:
-        layers = [load_layer(path) for path in sorted(rules_dir.glob("*.toml"))]
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    for layer in layers:
-        private = len(layer.private) + (layer.private_default is not None)
-        click.echo(f"ok  {layer.path.name:<32} {len(layer.actions) + len(layer.masks):>4} rules"
-                   f"{f', {private} private' if private else ''}  {layer.title}")
-    profile = cfg.profile
-    if profile is None:
-        click.echo("anon_profile is not set: no anonymisation" + (" (anon_fields empties "
-                   f"{len(cfg.anon_fields)} elements)" if cfg.anon_fields else ""))
-        return
-    click.echo(f"anon_profile = {profile.description}: {len(profile.actions) + len(profile.masks)} element rules, "
-               f"private elements: {profile.private_default}, {len(profile.private)} by creator")
-    for code, title in profile.applied:
-        click.echo(f"  fully applied: {code} {title}")
-    if not any(code == "113100" for code, _ in profile.applied):
-        click.echo("  note: the Basic Profile is not fully applied (a layer keeps what it removes)")
-
-
-@cli.command("check-config")
-@config_option
-@click.pass_obj
-def check_config(options: Options) -> None:
-    """Check the configuration file and print the configuration in effect."""
-    cfg = _config(options)
-    click.echo(f"# {cfg.path if cfg.path else 'no configuration file: defaults only'}")
-    for key, value, origin in cfg.effective():
-        click.echo(f"{key:<20}= {value:<50} # {origin}".rstrip())
-    for key in cfg.unused:
-        click.echo(f"note: '{key}' (from DcmServer) is not used: {LEGACY_UNUSED[key.lower()]}")
-    for note in cfg.layout_warnings():
-        click.echo(f"note: {note}")
-
-
-@cli.command("where")
-@config_option
-@click.argument("term")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
-@click.pass_obj
-def where(options: Options, term: str, out: Path | None) -> None:
-    """What happened to a file: TERM is its name in the dump, its SOPInstanceUID, its
-    sha256 or its path in the sorted tree. Exit status 1 when the journal has no trace of it.
-
-    \b
-    Example:
-        dumpwatch where MR.1.3.12.2.1107.5.2.43.67093.30000021071512345678900000001
-    """
-    cfg = _config(options)
-    if out is not None:
-        cfg = cfg.replace(dir_out=Path(os.path.abspath(out)))
-    path = cfg.journal_path
-    if path is None or not path.exists():
-        raise click.ClickException(f"no journal at {path}" if path else "no journal: set dir_out or journal")
-    key = None
-    if cfg.profile is not None and cfg.anon_key_path is not None and cfg.anon_key_path.exists():
-        try:
-            key = load_key(cfg.anon_key_path)  # the journal names files by keyed tokens
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
-    try:
-        journal = Journal(path, key=key)
-        try:
-            rows = journal.find(term, tree=cfg.dir_out)
-        finally:
-            journal.close()
-    except sqlite3.Error as exc:  # damaged: one line, as for any expected error
-        raise click.ClickException(f"the journal {path} cannot be read: {exc}") from None
-    except OSError as exc:
-        raise click.ClickException(f"the journal {path} cannot be read: {exc.strerror or exc}") from None
-    if not rows:
-        click.echo(f"no trace of {term} in {path}")
-        sys.exit(EXIT_ERROR)
-    for row in rows:
-        state = "" if row["done"] else " (under way)"
-        target = row["dest"] or ""
-        why = f"  ({row['reason']})" if row["reason"] else ""
-        click.echo(f"{row['time']}  {row['outcome']}{state}  {row['source'] or ''}"
-                   + (f" -> {target}" if target else "") + why)
+    def serving(self, server: Server) -> None:
+        """The loop runs from now on: SIGHUP goes to it, and one that came while it started."""
+        self.server = server
+        if self.hangups:
+            server.call_soon(reopen_log)
 
 
 @cli.command("send")
@@ -426,7 +314,7 @@ def send_command(options: Options, folder: Path, host: str, port: int | None, ae
         dumpwatch send /media/cdrom --host 10.0.0.5 --port 11112 --aec MRI_SORT
     """
     if port is None or aec is None:
-        cfg = _config(options)
+        cfg = config_from(options)
         port = cfg.port if port is None else port
         aec = cfg.aetitle if aec is None else aec
     receiver = Receiver(host, port, aec, aet)
@@ -436,49 +324,59 @@ def send_command(options: Options, folder: Path, host: str, port: int | None, ae
         raise click.UsageError(str(exc)) from None
     quiet_pydicom()  # odd but readable headers are sent as they are
     root = Path(os.path.abspath(folder))
-    base = root if root.is_dir() else root.parent
-
-    def shown(path: str) -> str:
-        return printable(os.path.relpath(path, base))
-
+    said = _SendReport(root if root.is_dir() else root.parent, options.verbose)
     listing = list_folder(root)
-
-    def say_skipped() -> None:
-        for why, count in listing.skipped.items():
-            click.echo(f"  skipped   {count:>6}  {why}, e.g. {shown(listing.examples[why])}")
-
     if not listing.items and not listing.unsendable:
-        say_skipped()
+        said.skipped(listing)
         raise click.ClickException(f"no DICOM file below {printable(str(root))}: nothing sent")
     for path, why in listing.unsendable:
-        click.echo(f"not sent  {shown(path)}: {why}")
-    association: dict[str, int] = {}  # why a whole run failed -> files: said once, not per file
-
-    def report(result: Result) -> None:
-        if result.sent:
-            if options.verbose:
-                click.echo(f"sent      {shown(result.item.path)}" + (f" ({result.warning})" if result.warning else ""))
-        elif result.reason.startswith("storescu could not send to "):
-            association[result.reason] = association.get(result.reason, 0) + 1
-        else:
-            click.echo(f"not sent  {shown(result.item.path)}: {result.reason}")
-
+        click.echo(f"not sent  {said.shown(path)}: {why}")
     try:
-        outcome = send(listing.items, receiver, report)
+        outcome = send(listing.items, receiver, said.result)
     except SendError as exc:
         raise click.ClickException(str(exc)) from None
-    runs = f"{outcome.runs} association{'s' if outcome.runs != 1 else ''}"
-    click.echo(f"{len(outcome.delivered)} of {len(listing.items) + len(listing.unsendable)} DICOM files sent to "
-               f"{receiver} in {outcome.elapsed:.1f} s ({runs})")
-    for why, count in association.items():
-        click.echo(f"  not sent  {count:>6}  {why}")
-    refused = len(outcome.failed) - sum(association.values())
-    if refused:
-        click.echo(f"  not sent  {refused:>6}  refused by the receiver or by storescu (each named above)")
-    if listing.unsendable:
-        click.echo(f"  not sent  {len(listing.unsendable):>6}  could not be read or cannot be sent (each named above)")
-    say_skipped()
+    said.summary(outcome, listing, receiver)
     sys.exit(0 if not outcome.failed and not listing.unsendable else EXIT_ERROR)
+
+
+class _SendReport:
+    """What send says: a line per file not sent (with -v, per file sent too), then the counts."""
+
+    def __init__(self, base: Path, verbose: int):
+        self.base = base
+        self.verbose = verbose
+        self.association: dict[str, int] = {}  # why a whole run failed -> files: said once, not per file
+
+    def shown(self, path: str) -> str:
+        return printable(os.path.relpath(path, self.base))
+
+    def result(self, result: Result) -> None:
+        if result.sent:
+            if self.verbose:
+                warning = f" ({result.warning})" if result.warning else ""
+                click.echo(f"sent      {self.shown(result.item.path)}{warning}")
+        elif result.reason.startswith("storescu could not send to "):
+            self.association[result.reason] = self.association.get(result.reason, 0) + 1
+        else:
+            click.echo(f"not sent  {self.shown(result.item.path)}: {result.reason}")
+
+    def skipped(self, listing: Listing) -> None:
+        for why, count in listing.skipped.items():
+            click.echo(f"  skipped   {count:>6}  {why}, e.g. {self.shown(listing.examples[why])}")
+
+    def summary(self, outcome: Sent, listing: Listing, receiver: Receiver) -> None:
+        runs = f"{outcome.runs} association{'s' if outcome.runs != 1 else ''}"
+        click.echo(f"{len(outcome.delivered)} of {len(listing.items) + len(listing.unsendable)} DICOM files sent to "
+                   f"{receiver} in {outcome.elapsed:.1f} s ({runs})")
+        for why, count in self.association.items():
+            click.echo(f"  not sent  {count:>6}  {why}")
+        refused = len(outcome.failed) - sum(self.association.values())
+        if refused:
+            click.echo(f"  not sent  {refused:>6}  refused by the receiver or by storescu (each named above)")
+        if listing.unsendable:
+            click.echo(f"  not sent  {len(listing.unsendable):>6}  "
+                       "could not be read or cannot be sent (each named above)")
+        self.skipped(listing)
 
 
 def main() -> None:

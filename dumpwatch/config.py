@@ -7,12 +7,12 @@ import difflib
 import grp
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.datadict import keyword_dict
 
+from dumpwatch.configkeys import KEYS, LEGACY_UNUSED, STATE_DIR
 from dumpwatch.errors import ConfigError, ConfigErrors
 from dumpwatch.keys import load_subjects
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
@@ -20,166 +20,6 @@ from dumpwatch.rules import RULES_DIR, Profile, find_layer, load_profile
 
 ENV_VAR = "DUMPWATCH_CONFIG"
 DEFAULT_FILE = "dumpwatch.cfg"
-STATE_DIR = ".dumpwatch"  # inside dir_out: journal, lock and staging area
-
-# DcmServer keys that dumpwatch reads but has no use for.
-LEGACY_UNUSED = {
-    "user": "run the service as this user with supervisord or systemd instead",
-    "renamedicom": "dumpwatch sorts by itself; storescp no longer runs a script per file",
-}
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            number = int(text, 10)
-        except ValueError:
-            raise ValueError(f"not a whole number: {text!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"{number} is outside {low}..{high}")
-        return number
-
-    return parse
-
-
-def _seconds_from(low: float):
-    """A parser of seconds, at least `low`: a wait of 0 would make serve spin on the CPU."""
-
-    def parse(text: str) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(f"not a number of seconds: {text!r}") from None
-        if not low <= number < 10**7:
-            raise ValueError(f"{text} seconds is out of range {low:g}..10000000")
-        return number
-
-    return parse
-
-
-_seconds = _seconds_from(0)
-
-
-def _aetitle(text: str) -> str:
-    if not 1 <= len(text) <= 16:
-        raise ValueError(f"an AE title has 1 to 16 characters, {text!r} has {len(text)}")
-    if not all(32 <= ord(c) < 127 and c != "\\" for c in text):
-        raise ValueError(f"an AE title is plain ASCII without backslashes: {text!r}")
-    return text
-
-
-def _extension(text: str) -> str:
-    text = text.lstrip(".")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", text):
-        raise ValueError(f"an extension is 1 to 16 letters, digits, '-' or '_': {text!r}")
-    return text
-
-
-def _mode(limit: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            mode = int(text, 8)
-        except ValueError:
-            raise ValueError(f"not an octal mode such as 0664: {text!r}") from None
-        if not 0 <= mode <= limit:
-            raise ValueError(f"mode {text} is out of range (at most {limit:o})")
-        return mode
-
-    return parse
-
-
-def _group(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise ValueError(f"no such group on this machine: {text!r}") from None
-
-
-def _observer(text: str) -> str:
-    if text.lower() not in ("inotify", "polling"):
-        raise ValueError(f"either inotify (a local disk) or polling (NFS, SMB): {text!r}")
-    return text.lower()
-
-
-def _burned_in(text: str) -> str:
-    if text.lower() not in ("quarantine", "allow"):
-        raise ValueError(f"quarantine (the default) or allow: {text!r}")
-    return text.lower()
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise ValueError("name at least one rule layer, e.g. basic")
-    return names
-
-
-def _workers(text: str) -> int:
-    if text.lower() == "auto":
-        return 0
-    return _int_in(1, 64)(text)
-
-
-@dataclass(frozen=True)
-class Key:
-    parse: Callable[[str], object]
-    default: str  # as written in the README
-    help: str
-    kind: str = "value"  # "value", "path" or "template"
-    blank_ok: bool = False
-
-
-KEYS: dict[str, Key] = {
-    "port": Key(_int_in(1, 65535), "11112", "TCP port storescp listens on"),
-    "aetitle": Key(_aetitle, "DUMPWATCH", "AE title of the receiver, as entered on the scanner"),
-    "dir_dump": Key(str, "(none)", "folder storescp writes received files into", kind="path"),
-    "dir_out": Key(str, "(none)", "root of the sorted tree", kind="path"),
-    "dir_quarantine": Key(
-        str,
-        "quarantine/ beside dir_dump",
-        "rejected files and their reasons; never inside dir_out",
-        kind="path",
-    ),
-    "journal": Key(
-        str, f"<dir_out>/{STATE_DIR}/journal.sqlite3", "SQLite journal of every outcome", kind="path"
-    ),
-    "template": Key(Template.parse, DEFAULT_TEMPLATE, "where a file goes, below dir_out", kind="template"),
-    "extension": Key(_extension, "dcm", "file name extension of sorted files"),
-    "file_mode": Key(_mode(0o777), "0664", "permission bits of sorted files"),
-    "dir_mode": Key(_mode(0o7777), "2775", "permission bits of folders dumpwatch creates"),
-    "group": Key(_group, "(unchanged)", "group given to sorted files and folders", blank_ok=True),
-    "fname_log": Key(str, "(blank: no log file)", "log file, reopened when logrotate moves it",
-                     kind="path", blank_ok=True),
-    "workers": Key(_workers, "auto", "processes that read headers in parallel (auto: one per CPU)"),
-    "incomplete_timeout": Key(
-        _seconds, "60", "seconds a truncated file may still be arriving before it is quarantined"
-    ),
-    "observer": Key(_observer, "inotify", "how serve sees new files: inotify, or polling for NFS/SMB dumps"),
-    "stable_seconds": Key(_seconds_from(0.1), "2",
-                          "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
-    "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
-    "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
-    "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
-                   "queue and sweeps take more as these are done"),
-    "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
-    "rules_dir": Key(str, "the layers shipped with dumpwatch", "where anon_profile finds layers by name", kind="path"),
-    "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "
-                    "date shifts; made (mode 0600) on first use", kind="path"),
-    "anon_subjects": Key(str, "(none: pseudonyms from the key)", "CSV of PatientID or PatientName -> subject code",
-                         kind="path", blank_ok=True),
-    "anon_burned_in": Key(_burned_in, "quarantine", "files whose BurnedInAnnotation is YES: quarantine or allow"),
-}
-
-
-def _parse_tag(text: str) -> int | None:
-    match = re.fullmatch(r"\(?\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)?", text)
-    if match:
-        return int(match[1] + match[2], 16)
-    if text in keyword_dict:
-        return keyword_dict[text]
-    return None
 
 
 @dataclass(frozen=True)
@@ -369,106 +209,16 @@ def read_config(path: Path) -> Config:
         raise ConfigError(f"not UTF-8 text ({exc.reason})", path) from None
     except OSError as exc:
         raise ConfigError(exc.strerror or str(exc), path) from None
-    base = path.resolve().parent
-    values: dict[str, object] = {}
-    seen: dict[str, int] = {}
-    unused: list[str] = []
-    anon: list[int] = []
-    in_anon = False
-    errors: list[ConfigError] = []
-
-    def mistake(message: str, line: int | None = None, key: str | None = None) -> None:
-        errors.append(ConfigError(message, path, line, key))
-
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip()
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0].isspace():
-            if not in_anon:
-                mistake("an indented line belongs below an anon_fields line", number)
-                continue
-            tag_text = _INLINE_COMMENT.sub("", stripped).split()[0]
-            tag = _parse_tag(tag_text)
-            if tag is None:
-                mistake(f"not a tag such as 0010,0010: {tag_text!r}", number, "anon_fields")
-            else:
-                anon.append(tag)
-            continue
-        in_anon = False
-        match = _KEY_LINE.fullmatch(stripped)
-        if not match:
-            mistake("expected 'key = value'", number)
-            continue
-        key, value = match[1].lower(), match[2]
-        if key in seen:
-            mistake(f"given twice (first on line {seen[key]})", number, key)
-            continue
-        seen[key] = number
-        if key == "anon_fields":
-            in_anon = True
-            for tag_text in _INLINE_COMMENT.sub("", value or "").replace(";", " ").split():
-                tag = _parse_tag(tag_text)
-                if tag is None:
-                    mistake(f"not a tag such as 0010,0010: {tag_text!r}", number, key)
-                else:
-                    anon.append(tag)
-            continue
-        if value is None:
-            mistake("expected 'key = value'", number, key)
-            continue
-        value = _INLINE_COMMENT.sub("", value).strip()
-        if key in LEGACY_UNUSED:
-            unused.append(match[1])  # as the file spells it
-            continue
-        spec = KEYS.get(key)
-        if spec is None:
-            close = difflib.get_close_matches(key, list(KEYS) + ["anon_fields"], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            mistake(f"unknown key{hint}", number, key)
-            continue
-        if value == "":
-            if spec.blank_ok:
-                values[key] = None
-            else:
-                mistake("needs a value", number, key)
-            continue
-        try:
-            parsed = spec.parse(value)
-        except (ValueError, ConfigError) as exc:
-            mistake(str(exc), number, key)
-            continue
-        if spec.kind == "path":
-            parsed = base / Path(os.path.expanduser(str(parsed)))
-            parsed = Path(os.path.normpath(parsed))
-        values[key] = parsed
-
+    reading = _Reading(path)
+    reading.read_lines(text)
+    values, seen, errors = reading.values, reading.seen, reading.errors
     explicit = frozenset(values) | (frozenset(["anon_fields"]) if "anon_fields" in seen else frozenset())
-    anon_fields = tuple(dict.fromkeys(anon))
-    profile = subjects = None
-    if "anon_profile" in values:
-        names = values["anon_profile"]
-        rules_dir = values.get("rules_dir") or RULES_DIR
-        missing = [name for name in names  # type: ignore[union-attr]
-                   if not find_layer(name, rules_dir, base).is_file()]  # type: ignore[arg-type]
-        for name in missing:
-            mistake(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
-                    seen["anon_profile"], "anon_profile")
-        if not missing:
-            try:
-                profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
-            except ConfigError as exc:  # a mistake in a rule layer: named by its own file and line
-                errors.append(exc)
-    if values.get("anon_subjects"):
-        try:
-            subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
-        except ConfigError as exc:
-            errors.append(exc)
+    anon_fields = tuple(dict.fromkeys(reading.anon))
+    profile, subjects = _anonymisation(reading, anon_fields)
     cfg = Config(
         path=path,
         anon_fields=anon_fields,
-        unused=tuple(unused),
+        unused=tuple(reading.unused),
         explicit=explicit,
         profile=profile,
         subjects=subjects,
@@ -483,3 +233,127 @@ def read_config(path: Path) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return cfg
+
+
+class _Reading:
+    """One pass over a configuration file's lines: the values read well, and every mistake."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.base = path.resolve().parent
+        self.values: dict[str, object] = {}
+        self.seen: dict[str, int] = {}  # key -> the line that gave it
+        self.unused: list[str] = []
+        self.anon: list[int] = []
+        self.errors: list[ConfigError] = []
+
+    def mistake(self, message: str, line: int | None = None, key: str | None = None) -> None:
+        self.errors.append(ConfigError(message, self.path, line, key))
+
+    def read_lines(self, text: str) -> None:
+        """Every line in turn; anon_fields' tags may go on, indented, on the lines below it."""
+        in_anon = False
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.rstrip()
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            if line[0].isspace():
+                if not in_anon:
+                    self.mistake("an indented line belongs below an anon_fields line", number)
+                    continue
+                self.tag(_INLINE_COMMENT.sub("", stripped).split()[0], number)
+                continue
+            in_anon = self.key_line(stripped, number)
+
+    def key_line(self, stripped: str, number: int) -> bool:
+        """One `key = value` line; True when it is anon_fields (indented tags may follow)."""
+        match = _KEY_LINE.fullmatch(stripped)
+        if not match:
+            self.mistake("expected 'key = value'", number)
+            return False
+        key, value = match[1].lower(), match[2]
+        if key in self.seen:
+            self.mistake(f"given twice (first on line {self.seen[key]})", number, key)
+            return False
+        self.seen[key] = number
+        if key == "anon_fields":
+            for tag_text in _INLINE_COMMENT.sub("", value or "").replace(";", " ").split():
+                self.tag(tag_text, number)
+            return True
+        if value is None:
+            self.mistake("expected 'key = value'", number, key)
+            return False
+        value = _INLINE_COMMENT.sub("", value).strip()
+        if key in LEGACY_UNUSED:
+            self.unused.append(match[1])  # as the file spells it
+            return False
+        self.value(key, value, number)
+        return False
+
+    def tag(self, text: str, number: int) -> None:
+        """One tag of anon_fields."""
+        tag = _parse_tag(text)
+        if tag is None:
+            self.mistake(f"not a tag such as 0010,0010: {text!r}", number, "anon_fields")
+        else:
+            self.anon.append(tag)
+
+    def value(self, key: str, value: str, number: int) -> None:
+        """A key's value, parsed as KEYS says; a path is taken from the file's folder."""
+        spec = KEYS.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, list(KEYS) + ["anon_fields"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.mistake(f"unknown key{hint}", number, key)
+            return
+        if value == "":
+            if spec.blank_ok:
+                self.values[key] = None
+            else:
+                self.mistake("needs a value", number, key)
+            return
+        try:
+            parsed = spec.parse(value)
+        except (ValueError, ConfigError) as exc:
+            self.mistake(str(exc), number, key)
+            return
+        if spec.kind == "path":
+            parsed = self.base / Path(os.path.expanduser(str(parsed)))
+            parsed = Path(os.path.normpath(parsed))
+        self.values[key] = parsed
+
+
+def _parse_tag(text: str) -> int | None:
+    match = re.fullmatch(r"\(?\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)?", text)
+    if match:
+        return int(match[1] + match[2], 16)
+    if text in keyword_dict:
+        return keyword_dict[text]
+    return None
+
+
+def _anonymisation(reading: _Reading, anon_fields: tuple[int, ...]) -> tuple[Profile | None, dict[str, str] | None]:
+    """anon_profile's rule layers, compiled, and anon_subjects' table, read: (profile, subjects).
+    A mistake in either joins the file's own."""
+    values, path, base = reading.values, reading.path, reading.base
+    profile = subjects = None
+    if "anon_profile" in values:
+        names = values["anon_profile"]
+        rules_dir = values.get("rules_dir") or RULES_DIR
+        missing = [name for name in names  # type: ignore[union-attr]
+                   if not find_layer(name, rules_dir, base).is_file()]  # type: ignore[arg-type]
+        for name in missing:
+            reading.mistake(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
+                            reading.seen["anon_profile"], "anon_profile")
+        if not missing:
+            try:
+                profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
+            except ConfigError as exc:  # a mistake in a rule layer: named by its own file and line
+                reading.errors.append(exc)
+    if values.get("anon_subjects"):
+        try:
+            subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
+        except ConfigError as exc:
+            reading.errors.append(exc)
+    return profile, subjects

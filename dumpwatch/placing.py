@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dumpwatch import failpoints
-from dumpwatch.dicomfile import Placed
 from dumpwatch.errors import Rejected
 from dumpwatch.fsops import AT_FDCWD, copy_file
+from dumpwatch.identity import Placed
 from dumpwatch.journal import Entry
 from dumpwatch.outcomes import PER_FILE, Failed, Handled, Outcome, Prepared
 from dumpwatch.prepare import staged_name

@@ -17,7 +17,8 @@ from pydicom import dcmwrite
 
 from dumpwatch import failpoints, keys, linux
 from dumpwatch.anonymise import Anonymiser, empty_fields, leak
-from dumpwatch.dicomfile import DicomFile, NotRegular, meta_end, read_dicom
+from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
+from dumpwatch.elements import meta_end
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.fsops import copy_range, set_owner_mode, write_all, write_new
 from dumpwatch.naming import Template, friendly_name, header_text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ PROTECTIVE = {"X", "Z", "D", "U", "R"}  # actions that keep no original value
 
 _TAG = re.compile(r"\(?\s*([0-9A-Fa-fXx]{4})\s*,\s*([0-9A-Fa-fXx]{4})\s*\)?")
 _PRIVATE_TAG = re.compile(r"\(?\s*([0-9A-Fa-f]{4})\s*,\s*[Xx]{2}([0-9A-Fa-f]{2})\s*\)?")
+_Fail = Callable[[str, str], ConfigError]  # (message, key) -> the error naming the layer's file and line
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,18 @@ def load_layer(path: Path) -> Layer:
     for key in meta:
         if key not in ("name", "title", "code", "edition"):
             raise fail("unknown key in [layer]", key)
+    actions, masks = _public_actions(data.get("actions", {}), fail)
+    private_default, private = _private_actions(data.get("private", {}), fail)
+    name = str(meta.get("name", path.stem))
+    return Layer(name, str(meta.get("title", name)), meta.get("code"), path, actions, tuple(masks),
+                 private_default, private, meta.get("edition"))
+
+
+def _public_actions(table: dict, fail: _Fail) -> tuple[dict[int, str], list[tuple[int, int, str]]]:
+    """A layer's [actions]: (action by exact tag, (mask, value, action) for tags such as (50xx,xxxx))."""
     actions: dict[int, str] = {}
     masks: list[tuple[int, int, str]] = []
-    for key, action in data.get("actions", {}).items():
+    for key, action in table.items():
         if action not in ACTIONS:
             raise fail(f"unknown action {action!r} (one of {', '.join(sorted(ACTIONS))})", key)
         if key in keyword_dict:
@@ -153,9 +164,14 @@ def load_layer(path: Path) -> Layer:
             actions[value] = action
         else:
             masks.append((mask, value, action))
+    return actions, masks
+
+
+def _private_actions(table: dict, fail: _Fail) -> tuple[str | None, dict[tuple[str, int, int], str]]:
+    """A layer's [private]: (its default, or None; action by (creator, group, offset))."""
     private_default = None
     private: dict[tuple[str, int, int], str] = {}
-    for key, value in data.get("private", {}).items():
+    for key, value in table.items():
         if key == "default":
             if value not in ("X", "K", "C"):
                 raise fail("the private default is X (remove), K (keep) or C (keep only those named)", key)
@@ -173,9 +189,7 @@ def load_layer(path: Path) -> Layer:
             if action not in ACTIONS:
                 raise fail(f"unknown action {action!r}", tag_key)
             private[(creator, int(match[1], 16), int(match[2], 16))] = action
-    name = str(meta.get("name", path.stem))
-    return Layer(name, str(meta.get("title", name)), meta.get("code"), path, actions, tuple(masks),
-                 private_default, private, meta.get("edition"))
+    return private_default, private
 
 
 def _lineno_from_message(message: str) -> int | None:

@@ -27,8 +27,9 @@ from pathlib import Path
 from pydicom.datadict import keyword_dict
 
 from dumpwatch import failpoints
-from dumpwatch.dicomfile import Placed, read_prefix, same_data_set
+from dumpwatch.dicomfile import read_prefix
 from dumpwatch.fsops import TreeBlocked, make_dirs, make_folder, move_noreplace, open_dir, set_owner_mode
+from dumpwatch.identity import Placed, same_data_set
 from dumpwatch.naming import Name, Template, echo_number, friendly_name, header_text, is_safe_component
 
 log = logging.getLogger(__name__)

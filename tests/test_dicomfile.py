@@ -11,8 +11,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import data_element_generator
 
-from dumpwatch.dicomfile import NotRegular, Placed, data_set_identity, read_dicom, same_data_set
+from dumpwatch.dicomfile import NotRegular, read_dicom
 from dumpwatch.errors import Incomplete, Rejected
+from dumpwatch.identity import Placed, data_set_identity, same_data_set
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, naming_tags
 
 from conftest import make_dicom

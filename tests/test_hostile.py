@@ -28,7 +28,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 from dumpwatch.config import Config
-from dumpwatch.dicomfile import data_set_identity
+from dumpwatch.identity import data_set_identity
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.outcomes import Handled
 from dumpwatch.sortonce import sort_dir

@@ -1,0 +1,162 @@
+"""The configuration file's keys: how each value is parsed, its default as the README gives it, its help."""
+
+from __future__ import annotations
+
+import grp
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dumpwatch.naming import DEFAULT_TEMPLATE, Template
+
+STATE_DIR = ".dumpwatch"  # inside dir_out: journal, lock and staging area
+
+# DcmServer keys that dumpwatch reads but has no use for.
+LEGACY_UNUSED = {
+    "user": "run the service as this user with supervisord or systemd instead",
+    "renamedicom": "dumpwatch sorts by itself; storescp no longer runs a script per file",
+}
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            number = int(text, 10)
+        except ValueError:
+            raise ValueError(f"not a whole number: {text!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def _seconds_from(low: float):
+    """A parser of seconds, at least `low`: a wait of 0 would make serve spin on the CPU."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"not a number of seconds: {text!r}") from None
+        if not low <= number < 10**7:
+            raise ValueError(f"{text} seconds is out of range {low:g}..10000000")
+        return number
+
+    return parse
+
+
+_seconds = _seconds_from(0)
+
+
+def _aetitle(text: str) -> str:
+    if not 1 <= len(text) <= 16:
+        raise ValueError(f"an AE title has 1 to 16 characters, {text!r} has {len(text)}")
+    if not all(32 <= ord(c) < 127 and c != "\\" for c in text):
+        raise ValueError(f"an AE title is plain ASCII without backslashes: {text!r}")
+    return text
+
+
+def _extension(text: str) -> str:
+    text = text.lstrip(".")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", text):
+        raise ValueError(f"an extension is 1 to 16 letters, digits, '-' or '_': {text!r}")
+    return text
+
+
+def _mode(limit: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            mode = int(text, 8)
+        except ValueError:
+            raise ValueError(f"not an octal mode such as 0664: {text!r}") from None
+        if not 0 <= mode <= limit:
+            raise ValueError(f"mode {text} is out of range (at most {limit:o})")
+        return mode
+
+    return parse
+
+
+def _group(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group on this machine: {text!r}") from None
+
+
+def _observer(text: str) -> str:
+    if text.lower() not in ("inotify", "polling"):
+        raise ValueError(f"either inotify (a local disk) or polling (NFS, SMB): {text!r}")
+    return text.lower()
+
+
+def _burned_in(text: str) -> str:
+    if text.lower() not in ("quarantine", "allow"):
+        raise ValueError(f"quarantine (the default) or allow: {text!r}")
+    return text.lower()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("name at least one rule layer, e.g. basic")
+    return names
+
+
+def _workers(text: str) -> int:
+    if text.lower() == "auto":
+        return 0
+    return _int_in(1, 64)(text)
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[str], object]
+    default: str  # as written in the README
+    help: str
+    kind: str = "value"  # "value", "path" or "template"
+    blank_ok: bool = False
+
+
+KEYS: dict[str, Key] = {
+    "port": Key(_int_in(1, 65535), "11112", "TCP port storescp listens on"),
+    "aetitle": Key(_aetitle, "DUMPWATCH", "AE title of the receiver, as entered on the scanner"),
+    "dir_dump": Key(str, "(none)", "folder storescp writes received files into", kind="path"),
+    "dir_out": Key(str, "(none)", "root of the sorted tree", kind="path"),
+    "dir_quarantine": Key(
+        str,
+        "quarantine/ beside dir_dump",
+        "rejected files and their reasons; never inside dir_out",
+        kind="path",
+    ),
+    "journal": Key(
+        str, f"<dir_out>/{STATE_DIR}/journal.sqlite3", "SQLite journal of every outcome", kind="path"
+    ),
+    "template": Key(Template.parse, DEFAULT_TEMPLATE, "where a file goes, below dir_out", kind="template"),
+    "extension": Key(_extension, "dcm", "file name extension of sorted files"),
+    "file_mode": Key(_mode(0o777), "0664", "permission bits of sorted files"),
+    "dir_mode": Key(_mode(0o7777), "2775", "permission bits of folders dumpwatch creates"),
+    "group": Key(_group, "(unchanged)", "group given to sorted files and folders", blank_ok=True),
+    "fname_log": Key(str, "(blank: no log file)", "log file, reopened when logrotate moves it",
+                     kind="path", blank_ok=True),
+    "workers": Key(_workers, "auto", "processes that read headers in parallel (auto: one per CPU)"),
+    "incomplete_timeout": Key(
+        _seconds, "60", "seconds a truncated file may still be arriving before it is quarantined"
+    ),
+    "observer": Key(_observer, "inotify", "how serve sees new files: inotify, or polling for NFS/SMB dumps"),
+    "stable_seconds": Key(_seconds_from(0.1), "2",
+                          "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
+    "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
+    "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
+    "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
+                   "queue and sweeps take more as these are done"),
+    "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
+    "rules_dir": Key(str, "the layers shipped with dumpwatch", "where anon_profile finds layers by name", kind="path"),
+    "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "
+                    "date shifts; made (mode 0600) on first use", kind="path"),
+    "anon_subjects": Key(str, "(none: pseudonyms from the key)", "CSV of PatientID or PatientName -> subject code",
+                         kind="path", blank_ok=True),
+    "anon_burned_in": Key(_burned_in, "quarantine", "files whose BurnedInAnnotation is YES: quarantine or allow"),
+}
