@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Decision:
+    """Where one file goes, as decide() pictured it; apply() carries it out."""
+
     outcome: str  # "sorted" or "duplicate"
     folder: Folder
     name: str
