@@ -807,16 +807,16 @@ def test_a_tree_too_large_to_keep_in_memory_sorts_the_same(tmp_path, testdata, e
     """Past CACHED_NAMES, the folders used longest ago are forgotten and read again from disk.
     With a limit of one name, every batch reads its folders again: echo renames, series
     folders and identical re-sends must come out exactly as with everything kept."""
-    from dumpwatch import tree
+    from dumpwatch import foldercache
 
     for name in ("kept", "forgotten"):
         copy_testdata(testdata, tmp_path / f"dump-{name}", "siemens_fieldmap")
         copy_testdata(testdata, tmp_path / f"dump-{name}" / "again", "siemens_fieldmap")  # a re-send
     kept = sort_dir(tmp_path / "dump-kept", Config(dir_out=tmp_path / "kept", dir_quarantine=tmp_path / "q"))
-    monkeypatch.setattr(tree, "CACHED_NAMES", 1)
+    monkeypatch.setattr(foldercache, "CACHED_NAMES", 1)
     loads = []
-    load = tree.Tree._load
-    monkeypatch.setattr(tree.Tree, "_load", lambda self, rel: loads.append(rel) or load(self, rel))
+    load = foldercache.FolderCache._load
+    monkeypatch.setattr(foldercache.FolderCache, "_load", lambda self, rel: loads.append(rel) or load(self, rel))
     forgotten = sort_dir(tmp_path / "dump-forgotten",
                          Config(dir_out=tmp_path / "forgotten", dir_quarantine=tmp_path / "q"))
     files = len(below(expected, "siemens_fieldmap"))
@@ -832,10 +832,10 @@ def test_a_template_whose_file_name_ends_in_underscore_digits_is_read_back_right
     """IMG_0001.dcm is not 'IMG' with echo 0001: read back from disk (after a restart, or
     when the tree forgot the folder mid-run), the series stays single-echo and a re-send is
     recognised."""
-    from dumpwatch import tree
+    from dumpwatch import foldercache
     from dumpwatch.naming import Template
 
-    monkeypatch.setattr(tree, "CACHED_NAMES", cached)
+    monkeypatch.setattr(foldercache, "CACHED_NAMES", cached)
     cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q",
                  template=Template.parse("<PatientName>/<SeriesNumber:03>/IMG_<InstanceNumber:04>"))
     first = [make_dicom(tmp_path / "one" / f"MR.{n}", template_file, InstanceNumber=n) for n in (1, 2, 3)]

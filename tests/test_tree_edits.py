@@ -202,10 +202,10 @@ def test_a_template_change_never_renames_or_duplicates_sorted_echoes(tmp_path, t
 def test_a_text_field_ending_in_digits_is_never_read_as_an_echo(tmp_path, template_file, monkeypatch, cached):
     """<SeriesDescription>_<InstanceNumber:04> with SeriesDescription 'fmri_run_02':
     'fmri_run_02_0001' is not echo 1 of 'fmri_run_02'; a re-send adds nothing."""
-    from dumpwatch import tree
+    from dumpwatch import foldercache
 
     if not cached:
-        monkeypatch.setattr(tree, "CACHED_NAMES", 0)
+        monkeypatch.setattr(foldercache, "CACHED_NAMES", 0)
     cfg = Config(dir_out=tmp_path / "out", dir_quarantine=tmp_path / "q",
                  template=Template.parse("<PatientName>/<SeriesNumber:03>/<SeriesDescription>_<InstanceNumber:04>"))
     for n in (1, 2, 3):
