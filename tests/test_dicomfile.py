@@ -15,7 +15,7 @@ from dumpwatch.dicomfile import NotRegular, Placed, data_set_identity, read_dico
 from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, naming_tags
 
-from conftest import make_dicom
+from helpers import make_dicom
 
 # One file of each structure: classic, nested Philips, GE private, enhanced multi-frame,
 # spectroscopy, encapsulated pixel data, implicit VR, big endian, raw data.

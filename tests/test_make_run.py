@@ -21,7 +21,7 @@ from dumpwatch.config import read_config
 from dumpwatch.status import listening
 from dumpwatch.watcher import read_lock
 
-from conftest import tree_of
+from helpers import tree_of
 
 REPO = Path(__file__).resolve().parents[1]
 READY = "Receiving on port"
@@ -130,7 +130,8 @@ class MakeRun:
     def logs(self) -> str:
         """supervisord's log, and serve's if it has a file of its own: for a failure's message."""
         serve = self.cfg.parent / "serve.log"
-        return self.supervisord_log() + (f"\n--- {serve}:\n{serve.read_text(errors='replace')}" if serve.exists() else "")
+        own = f"\n--- {serve}:\n{serve.read_text(errors='replace')}" if serve.exists() else ""
+        return self.supervisord_log() + own
 
     def wait_ready(self) -> None:
         wait_for(lambda: READY in self.output() or self.shell.poll() is not None, START, "make run to be ready")

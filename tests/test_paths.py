@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dcmtk import Serve, Storescp, needs_dcmtk, wait_for, write_config
 
-from conftest import make_dicom, run_process, tree_of
+from helpers import make_dicom, run_process, tree_of
 
 
 def dump_files(dump: Path) -> list[str]:

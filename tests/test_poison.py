@@ -21,7 +21,7 @@ from dumpwatch.config import Config
 from dumpwatch.pipeline import Prepared, Sorter
 from dumpwatch.workers import Workers
 
-from conftest import FIELDMAP, make_dicom, run_process, tree_of
+from helpers import FIELDMAP, make_dicom, run_process, tree_of
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 MEMORY_LIMIT = 2 << 30  # address space for dumpwatch and each of its workers (prlimit --as)

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from dumpwatch.send import MAX_CONTEXTS, Item, batches, profile_text
 from dumpwatch.status import listening
 
-from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
+from helpers import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 
 pytestmark = needs_dcmtk
 

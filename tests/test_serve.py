@@ -25,7 +25,7 @@ from dumpwatch.config import read_config
 from dumpwatch.dicomfile import read_dicom
 from dumpwatch.sortonce import sort_dir
 
-from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
+from helpers import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 
 pytestmark = needs_dcmtk
 

@@ -18,7 +18,7 @@ from dumpwatch.config import Config, read_config
 from dumpwatch.naming import Template
 from dumpwatch.sortonce import sort_dir
 
-from conftest import FIELDMAP, below, copy_testdata, make_dicom, tree_of
+from helpers import FIELDMAP, below, copy_testdata, make_dicom, tree_of
 
 
 def fixed_uid(rng: random.Random) -> str:
