@@ -54,6 +54,7 @@ from pydicom import dcmread
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "out" / "peers"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from sort_once import corpus, dicomsort_python  # noqa: E402
 

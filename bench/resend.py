@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "out"
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helper modules; tests never import bench/
 
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "out"
 PEERS = WORK / "venv-dicomsort"
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from dumpwatch.pipeline import WRITEBACK_SECONDS  # noqa: E402
 

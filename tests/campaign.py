@@ -23,13 +23,12 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dumpwatch.dicomfile import read_dicom
+from dumpwatch.keys import new_uid
+
+from corpus import make_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from dumpwatch.dicomfile import read_dicom  # noqa: E402
-from dumpwatch.keys import new_uid  # noqa: E402
-
-from corpus import make_corpus  # noqa: E402
 
 FIELDMAP = "siemens_fieldmap/2_gre_field_magph"
 KEY = "00112233445566778899aabbccddeeff" * 2
@@ -45,7 +44,8 @@ class Inputs:
 
 
 def corpus_cache(files: int) -> Path:
-    """Generated MR files (bench/corpus.py), made once and copied for every round."""
+    """Generated MR files (tests/corpus.py), made once (in bench/out, where the long campaigns
+    find them too) and copied for every round."""
     folder = REPO / "bench" / "out" / f"campaign-corpus-{files}"
     if not folder.is_dir() or len(os.listdir(folder)) != files:
         shutil.rmtree(folder, ignore_errors=True)
