@@ -12,6 +12,20 @@ import pytest
 from helpers import FIELDMAP, TESTDATA, copy_testdata
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes the receiver fixture starts storescp: it is marked dcmtk, as every test
+    that starts a DCMTK program is. Where DCMTK is missing, marked tests skip with the reason."""
+    from dcmtk import dcmtk_missing
+
+    missing = dcmtk_missing()
+    for item in items:
+        if "receiver" in item.fixturenames:
+            item.add_marker(pytest.mark.dcmtk)
+        if missing and item.get_closest_marker("dcmtk"):
+            item.add_marker(pytest.mark.skip(reason=missing))
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     if not (TESTDATA / "expected.json").is_file():

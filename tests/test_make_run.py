@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk import needs_dcmtk, wait_for, write_config
+from dcmtk import wait_for, write_config
 
 from dumpwatch.config import read_config
 from dumpwatch.status import listening
@@ -28,7 +28,7 @@ READY = "Receiving on port"
 START = 180  # seconds for `make run` to be ready: generous, for a slow, busy machine
 GONE = 60  # seconds for everything to be gone once it is asked to end (it takes a few)
 
-pytestmark = needs_dcmtk
+pytestmark = pytest.mark.dcmtk  # make run starts storescp (and installs DCMTK when missing)
 
 
 def proc_stat(pid: int) -> list[str] | None:
