@@ -21,7 +21,7 @@ Two sets:
 - enhanced: the enhanced multi-frame files of the test data's enhanced/ (8 files in the full
   set: Siemens XA30 and XA10, Philips; 4 in tests/data), --copies copies, each a patient of
   its own with new UIDs;
-- classic MR: the generated corpus of bench/sort_once.py (bench/corpus.py, "mr" header,
+- classic MR: the generated corpus of bench/sort_once.py (tests/corpus.py, "mr" header,
   133 KB files, 200 a series).
 
     python bench/resend.py [--runs 5] [--copies 25] [--files 2000] [--no-serve] [--only enhanced|classic]

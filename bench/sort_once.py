@@ -32,7 +32,7 @@ from corpus import make_corpus  # noqa: E402
 
 
 def corpus(files: int, header: str) -> Path:
-    folder = WORK / f"corpus-{header}-{files}-v2"  # v2: InstitutionName of its own (bench/corpus.py)
+    folder = WORK / f"corpus-{header}-{files}-v2"  # v2: InstitutionName of its own (tests/corpus.py)
     if not folder.is_dir() or len(os.listdir(folder)) != files:
         shutil.rmtree(folder, ignore_errors=True)
         make_corpus(folder, files, header)
