@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all install dcmtk test run lint bench clean help
+.PHONY: all install dcmtk test test-no-dcmtk run lint bench clean help
 
 all: test ## run the tests (the default)
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -42,6 +42,10 @@ ifeq ($(ISOLATE),yes)
 else
 	$(BIN)/pytest $(PYTEST_ARGS)
 endif
+
+# Tests marked dcmtk start storescp, storescu or echoscu; the others need none of DCMTK.
+test-no-dcmtk: install ## run the tests that need no DCMTK, without installing it
+	$(BIN)/pytest -m "not dcmtk" $(PYTEST_ARGS)
 
 # make run's configuration: etc/dumpwatch.local.cfg if there is one (git ignores it: copy
 # etc/dumpwatch.cfg there to change a setting), else the default; or RUN_CONFIG=FILE.

@@ -1,6 +1,6 @@
 """Files per second of `dumpwatch sort-once` with an anonymisation profile, beside dicognito.
 
-Each contender works on its own fresh copy of the generated MR corpus (bench/corpus.py), as
+Each contender works on its own fresh copy of the generated MR corpus (tests/corpus.py), as
 a whole process timed from outside, start-up included; the median of several runs is
 reported. dumpwatch sorts and anonymises (its output: the sorted tree, each file rewritten,
 fsynced, leak-checked, journalled); dicognito (PyPI, in its own venv under bench/out)

@@ -61,8 +61,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helper modules; tests never import bench/
 
 from campaign import quarantined  # noqa: E402
 from dcmtk import Serve, Storescp, storescu, storescu_config, write_config  # noqa: E402

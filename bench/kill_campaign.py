@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from campaign import (  # noqa: E402
     FIELDMAP,

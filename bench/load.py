@@ -1,7 +1,7 @@
 """Load: a large backfill's memory, and eight scanners sending at once for minutes.
 
 backfill: `dumpwatch sort-once` over 10,000 and 100,000 small generated MR files (about
-9 KB each, bench/corpus.py --header small). The peak resident memory (VmHWM) of the main
+9 KB each, tests/corpus.py --header small). The peak resident memory (VmHWM) of the main
 process and of each worker is read from /proc while it runs; the goal is under 100 MB, and
 not growing with the count.
 
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from campaign import assert_dump_empty, assert_journal_agrees, quarantined, tree_sops  # noqa: E402
 

@@ -1,7 +1,7 @@
 """dumpwatch beside dicomsort, in one run: speed and what becomes of every file.
 
 Two inputs:
-  - the generated corpus of bench/corpus.py (small MR files, unique names, nothing tricky);
+  - the generated corpus of tests/corpus.py (small MR files, unique names, nothing tricky);
   - every file of the test data as it is, read in place: real files from five vendors,
     the Siemens field map whose two echoes share InstanceNumbers, and the folder's non-DICOM
     files (SOURCES.md, expected.json; LICENSES/ in the repository's subset). The full set
@@ -54,6 +54,7 @@ from pydicom import dcmread
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "out" / "peers"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from sort_once import corpus, dicomsort_python  # noqa: E402
 

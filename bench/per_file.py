@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tests' helper modules; tests never import bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pydicom import dcmread  # noqa: E402
 

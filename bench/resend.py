@@ -21,7 +21,7 @@ Two sets:
 - enhanced: the enhanced multi-frame files of the test data's enhanced/ (8 files in the full
   set: Siemens XA30 and XA10, Philips; 4 in tests/data), --copies copies, each a patient of
   its own with new UIDs;
-- classic MR: the generated corpus of bench/sort_once.py (bench/corpus.py, "mr" header,
+- classic MR: the generated corpus of bench/sort_once.py (tests/corpus.py, "mr" header,
   133 KB files, 200 a series).
 
     python bench/resend.py [--runs 5] [--copies 25] [--files 2000] [--no-serve] [--only enhanced|classic]
@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "out"
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helper modules; tests never import bench/
 
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "out"
 PEERS = WORK / "venv-dicomsort"
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
 from dumpwatch.prepare import WRITEBACK_SECONDS  # noqa: E402
 
@@ -32,7 +32,7 @@ from corpus import make_corpus  # noqa: E402
 
 
 def corpus(files: int, header: str) -> Path:
-    folder = WORK / f"corpus-{header}-{files}-v2"  # v2: InstitutionName of its own (bench/corpus.py)
+    folder = WORK / f"corpus-{header}-{files}-v2"  # v2: InstitutionName of its own (tests/corpus.py)
     if not folder.is_dir() or len(os.listdir(folder)) != files:
         shutil.rmtree(folder, ignore_errors=True)
         make_corpus(folder, files, header)

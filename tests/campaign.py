@@ -8,6 +8,7 @@ left half-written in dir_out, and the journal agrees with the tree.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -16,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +25,12 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dumpwatch.dicomfile import read_dicom
+from dumpwatch.keys import new_uid
+
+from corpus import make_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from dumpwatch.dicomfile import read_dicom  # noqa: E402
-from dumpwatch.keys import new_uid  # noqa: E402
-
-from corpus import make_corpus  # noqa: E402
 
 FIELDMAP = "siemens_fieldmap/2_gre_field_magph"
 KEY = "00112233445566778899aabbccddeeff" * 2
@@ -45,7 +46,8 @@ class Inputs:
 
 
 def corpus_cache(files: int) -> Path:
-    """Generated MR files (bench/corpus.py), made once and copied for every round."""
+    """Generated MR files (tests/corpus.py), made once (in bench/out, where the long campaigns
+    find them too) and copied for every round."""
     folder = REPO / "bench" / "out" / f"campaign-corpus-{files}"
     if not folder.is_dir() or len(os.listdir(folder)) != files:
         shutil.rmtree(folder, ignore_errors=True)
@@ -402,6 +404,7 @@ def storescp_kills(cfg: Path, files: list[Path], rng: random.Random, kills: int,
 # -- lost events ---------------------------------------------------------------------------------
 
 QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+QUEUE_LOCK = Path(tempfile.gettempdir()) / "dumpwatch-tests-inotify-queue.lock"
 
 
 def can_shrink_queue() -> str:
@@ -448,18 +451,22 @@ def flood(site: Path, source: Path, queue: int | None, hold_until: str = "") -> 
     dump = site / "dump"
     dump.mkdir(parents=True, exist_ok=True)
     log = site / "dumpwatch.out"
-    old = QUEUE.read_text()
-    if queue is not None:  # else the kernel's limit as it is
-        QUEUE.write_text(f"{queue}\n")
-    try:
-        process = _dumpwatch(site, "serve")
-        deadline = time.monotonic() + 30
-        while "watching " not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text(errors="replace")
-            time.sleep(0.02)
-    finally:
-        if queue is not None:
-            QUEUE.write_text(old)
+    # The limit is the whole machine's: a second test run on it (another checkout's) must not
+    # read the lowered limit as the one to put back, nor start its serve while it holds.
+    with open(QUEUE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = QUEUE.read_text()
+        if queue is not None:  # else the kernel's limit as it is
+            QUEUE.write_text(f"{queue}\n")
+        try:
+            process = _dumpwatch(site, "serve")
+            deadline = time.monotonic() + 30
+            while "watching " not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                assert process.poll() is None, log.read_text(errors="replace")
+                time.sleep(0.02)
+        finally:
+            if queue is not None:
+                QUEUE.write_text(old)
     held = children(process.pid) if hold_until else []
     try:
         assert held or not hold_until, "serve has no worker processes to hold"

@@ -1,33 +1,29 @@
-"""Shared fixtures: the real scanner files of tests/data, real folders in tmp_path."""
+"""Shared fixtures: the real scanner files of tests/data, real folders in tmp_path. Fixtures only:
+what tests import is in helpers.py (pytest advises against importing conftest)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from pydicom import config as pydicom_config
-from pydicom import dcmread
-from pydicom.datadict import keyword_dict
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import BaseTag
-from pydicom.uid import generate_uid
 
-REPO = Path(__file__).resolve().parents[1]
-# The real scanner files: by default the subset the repository carries (tests/data, 76 files;
-# its SOURCES.md says whence). DUMPWATCH_TESTDATA names another folder laid out alike, such as
-# the full set of 403 files, for longer runs. Tests take their counts and names from its
-# expected.json, so that they hold for either.
-TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA") or REPO / "tests" / "data")
-FIELDMAP = "siemens_fieldmap/2_gre_field_magph"
+from helpers import FIELDMAP, TESTDATA, copy_testdata
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes the receiver fixture starts storescp: it is marked dcmtk, as every test
+    that starts a DCMTK program is. Where DCMTK is missing, marked tests skip with the reason."""
+    from dcmtk import dcmtk_missing
+
+    missing = dcmtk_missing()
+    for item in items:
+        if "receiver" in item.fixturenames:
+            item.add_marker(pytest.mark.dcmtk)
+        if missing and item.get_closest_marker("dcmtk"):
+            item.add_marker(pytest.mark.skip(reason=missing))
 
 
 @pytest.fixture(scope="session")
@@ -43,23 +39,6 @@ def expected(testdata: Path) -> dict:
     return json.loads((testdata / "expected.json").read_text())["files"]
 
 
-def below(expected: dict, only: str) -> dict:
-    """The entries of expected.json for the files in `only` (a folder of the test data, or one file)."""
-    return {rel: fields for rel, fields in expected.items() if rel == only or rel.startswith(only + "/")}
-
-
-def copy_testdata(testdata: Path, target: Path, only: str = "") -> list[Path]:
-    """Copy the scanner files (or those below `only`) to target, keeping their relative paths."""
-    copied = []
-    for path in sorted((testdata / only).rglob("*")):
-        if path.is_file() and path.suffix not in (".json", ".md", ".txt"):  # not the documents beside them
-            dest = target / path.relative_to(testdata)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
-            copied.append(dest)
-    return copied
-
-
 @pytest.fixture
 def dump(tmp_path: Path, testdata: Path) -> Path:
     """A dump folder holding a copy of every real scanner file (sort-once moves its input)."""
@@ -71,65 +50,6 @@ def dump(tmp_path: Path, testdata: Path) -> Path:
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     return tmp_path / "out"
-
-
-def run(*args: str, env: dict | None = None):
-    """Run the dumpwatch command in this process, as click runs it."""
-    from dumpwatch.cli import cli
-
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
-
-def run_process(*args: str, env: dict | None = None, cwd: Path | None = None,
-                prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run dumpwatch as its own process (for kills and real exit codes), under `prefix` if given
-    (prlimit, for a memory limit)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*prefix, sys.executable, "-m", "dumpwatch", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300, preexec_fn=_as_from_a_terminal)
-
-
-def _as_from_a_terminal() -> None:
-    """In the child: Ctrl-C as a terminal gives it. A test run started in the background by a
-    shell without job control inherits SIGINT ignored, and a dumpwatch started so rightly
-    leaves it ignored: the Ctrl-C tests would then test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def tree_of(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file below root, hidden state folders excluded."""
-    files = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if rel.parts[0].startswith("."):
-            continue
-        if path.is_file() or path.is_symlink():
-            files[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "symlink"
-    return files
-
-
-def make_dicom(path: Path, template: Path, **fields: object) -> Path:
-    """Write a DICOM file: a real scanner file with some header fields changed.
-
-    SOPInstanceUID is new unless given; a field set to None is deleted. Values are written
-    as given, valid for their VR or not (a scanner's header may hold anything).
-    """
-    ds = dcmread(template)
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    with pydicom_config.disable_value_validation():
-        for keyword, value in fields.items():
-            if value is None:
-                if keyword in ds:
-                    delattr(ds, keyword)
-            elif keyword in ("EchoNumbers", "InstanceNumber", "SeriesNumber") and isinstance(value, str):
-                ds[keyword] = RawDataElement(BaseTag(keyword_dict[keyword]), "IS", len(value),
-                                             value.encode(), 0, False, True)
-            else:
-                setattr(ds, keyword, value)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=False)
-    return path
 
 
 @pytest.fixture

@@ -20,10 +20,18 @@ from dumpwatch.status import listening
 from dumpwatch.watcher import read_lock
 
 REPO = Path(__file__).resolve().parents[1]
-needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescp") is None or shutil.which("storescu") is None,
-    reason="DCMTK's storescp and storescu are not installed (apt-get install dcmtk)",
-)
+
+
+def dcmtk_missing() -> str:
+    """Why a test marked `dcmtk` cannot run here (conftest.py skips it, saying so), or "".
+
+    Every test that starts storescp, storescu or echoscu (directly, or through `dumpwatch send`,
+    `status` against a listening port, supervisord or `make run`) carries @pytest.mark.dcmtk,
+    so that `pytest -m "not dcmtk"` runs the rest on a machine without DCMTK.
+    """
+    if shutil.which("storescp") is None or shutil.which("storescu") is None:
+        return "DCMTK's storescp and storescu are not installed (apt-get install dcmtk)"
+    return ""
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from dumpwatch.errors import ConfigError, Rejected
 from dumpwatch.keys import load_key, new_uid
 from dumpwatch.rules import RESOLVED, RULES_DIR, load_layer, load_profile
 
-from conftest import FIELDMAP, REPO, below, copy_testdata, make_dicom, run, tree_of
+from helpers import FIELDMAP, REPO, below, copy_testdata, make_dicom, run, tree_of
 
 TABLE_FILE = REPO / "rules" / "standard" / "confidentiality_profile_attributes.json"  # PS3.15 E.1-1
 TABLE = json.loads(TABLE_FILE.read_text())

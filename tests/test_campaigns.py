@@ -23,7 +23,6 @@ from campaign import (
     tree_sops,
     write_config,
 )
-from dcmtk import needs_dcmtk
 from dcmtk import write_config as dcmtk_config
 from pydicom import dcmread
 
@@ -60,7 +59,7 @@ def test_serve_killed_again_and_again_while_files_arrive(tmp_path, testdata, ano
     check(site, inputs, anonymise)
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_storescp_killed_mid_association_then_the_scanner_sends_again(tmp_path, testdata):
     """Each send is cut by a kill -9 of storescp; the partial files it leaves are quarantined as
     truncated, and after one whole send every instance is in the tree exactly once."""
@@ -78,7 +77,7 @@ def test_storescp_killed_mid_association_then_the_scanner_sends_again(tmp_path, 
     assert_journal_agrees(site / "sorted")
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_eight_scanners_at_once_each_sending_twice(tmp_path):
     """The short form of bench/load.py: eight storescu processes at once, each its own series,
     each sent twice (the second time an identical re-send): every instance once in the tree."""

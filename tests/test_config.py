@@ -10,7 +10,7 @@ import pytest
 from dumpwatch.config import Config, load_config, read_config
 from dumpwatch.errors import ConfigError
 
-from conftest import run
+from helpers import run
 
 # DcmServer's own sample configuration, as its users have it, with an anon_fields block.
 LEGACY = """\

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIELDMAP, copy_testdata, run_process, tree_of
+from helpers import FIELDMAP, copy_testdata, run_process, tree_of
 
 MODES = {
     "move": ([], ""),  # same filesystem: renamed into place

@@ -16,7 +16,7 @@ from dumpwatch.errors import Incomplete, Rejected
 from dumpwatch.identity import Placed, data_set_identity, same_data_set
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template, naming_tags
 
-from conftest import make_dicom
+from helpers import make_dicom
 
 # One file of each structure: classic, nested Philips, GE private, enhanced multi-frame,
 # spectroscopy, encapsulated pixel data, implicit VR, big endian, raw data.

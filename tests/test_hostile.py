@@ -33,7 +33,7 @@ from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.outcomes import Handled
 from dumpwatch.sortonce import sort_dir
 
-from conftest import FIELDMAP, TESTDATA, make_dicom, run, tree_of
+from helpers import FIELDMAP, TESTDATA, make_dicom, run, tree_of
 
 TEMPLATES = [
     Template.parse(DEFAULT_TEMPLATE),

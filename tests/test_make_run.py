@@ -15,20 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk import needs_dcmtk, wait_for, write_config
+from dcmtk import wait_for, write_config
 
 from dumpwatch.config import read_config
 from dumpwatch.status import listening
 from dumpwatch.watcher import read_lock
 
-from conftest import tree_of
+from helpers import tree_of
 
 REPO = Path(__file__).resolve().parents[1]
 READY = "Receiving on port"
 START = 180  # seconds for `make run` to be ready: generous, for a slow, busy machine
 GONE = 60  # seconds for everything to be gone once it is asked to end (it takes a few)
 
-pytestmark = needs_dcmtk
+pytestmark = pytest.mark.dcmtk  # make run starts storescp (and installs DCMTK when missing)
 
 
 def proc_stat(pid: int) -> list[str] | None:

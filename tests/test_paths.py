@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk import Serve, Storescp, needs_dcmtk, wait_for, write_config
+from dcmtk import Serve, Storescp, wait_for, write_config
 
-from conftest import make_dicom, run_process, tree_of
+from helpers import make_dicom, run_process, tree_of
 
 
 def dump_files(dump: Path) -> list[str]:
@@ -116,7 +116,7 @@ def test_a_refusal_names_the_folder_that_refused(shared_base, template_file, blo
     assert lines and all(line.endswith(expected) for line in lines), lines
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_status_says_why_files_wait_and_alarms_when_they_keep_failing(shared_base, template_file):
     """Files left in the dump for a reason that does not heal (here: serve may not take files
     out of the dump) were only a count in status, healthy until backlog_alarm (5 minutes).

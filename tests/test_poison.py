@@ -22,7 +22,7 @@ from dumpwatch.outcomes import Prepared
 from dumpwatch.sorter import Sorter
 from dumpwatch.workers import Workers
 
-from conftest import FIELDMAP, make_dicom, run_process, tree_of
+from helpers import FIELDMAP, make_dicom, run_process, tree_of
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 MEMORY_LIMIT = 2 << 30  # address space for dumpwatch and each of its workers (prlimit --as)

@@ -20,7 +20,7 @@ from dumpwatch.dicomfile import IN_MEMORY_MAX
 from dumpwatch.outcomes import Handled
 from dumpwatch.sortonce import sort_dir
 
-from conftest import tree_of
+from helpers import tree_of
 
 ENHANCED = "enhanced/philips/IM_0027_fMAP.dcm"  # 64 frames of 64 x 64, 16 bits
 ANONYMISE = {

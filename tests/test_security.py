@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dcmtk import Serve, wait_for, write_config
 
-from conftest import REPO, make_dicom, run
+from helpers import REPO, make_dicom, run
 
 PACKAGE = REPO / "dumpwatch"
 STORESCP_SH = REPO / "scripts" / "storescp.sh"

@@ -8,16 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dcmtk import Storescp, free_port, needs_dcmtk, wait_for, write_config
+from dcmtk import Storescp, free_port, wait_for, write_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dumpwatch.send import MAX_CONTEXTS, Item, batches, profile_text
 from dumpwatch.status import listening
 
-from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
-
-pytestmark = needs_dcmtk
+from helpers import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 
 PHYSIO = "1.3.12.2.1107.5.9.1"  # Siemens' private CSA non-image storage
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
@@ -34,6 +32,7 @@ def received(folder: Path) -> list[Path]:
                   and ".dumpwatch" not in p.relative_to(folder).parts)
 
 
+@pytest.mark.dcmtk
 def test_every_file_of_the_test_data_arrives(receiver, site, testdata, tmp_path):
     """Compressed transfer syntaxes and private SOP classes included: nothing refused that
     storescp accepts. A file that is not DICOM is skipped and counted."""
@@ -90,6 +89,7 @@ def plain_storescp(tmp_path):
     log.close()
 
 
+@pytest.mark.dcmtk
 def test_files_the_receiver_refuses_are_named_and_the_exit_status_says_so(plain_storescp, testdata, tmp_path):
     port, out = plain_storescp
     folder = tmp_path / "send"
@@ -114,6 +114,7 @@ def test_files_the_receiver_refuses_are_named_and_the_exit_status_says_so(plain_
     assert identity(arrived) == identity(plain)
 
 
+@pytest.mark.dcmtk
 def test_nothing_listening_is_said_once_not_per_file(testdata, tmp_path):
     port = free_port()
     result = run_process("send", str(testdata / FIELDMAP), "--port", str(port), "--aec", "DUMPWATCH")
@@ -126,6 +127,7 @@ def test_nothing_listening_is_said_once_not_per_file(testdata, tmp_path):
     assert "not sent  e1_01.dcm" not in result.stdout
 
 
+@pytest.mark.dcmtk
 def test_more_pairs_than_one_association_holds_are_sent_in_several(tmp_path, template_file):
     """Each (SOP class, transfer syntax) pair is a presentation context, 128 at most in one
     association: 130 SOP classes take two storescu runs, and every file arrives."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from campaign import corpus_cache
-from dcmtk import Serve, Storescp, data_files, needs_dcmtk, storescu, wait_for, write_config
+from dcmtk import Serve, Storescp, data_files, storescu, wait_for, write_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -25,9 +25,7 @@ from dumpwatch.config import read_config
 from dumpwatch.dicomfile import read_dicom
 from dumpwatch.sortonce import sort_dir
 
-from conftest import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
-
-pytestmark = needs_dcmtk
+from helpers import FIELDMAP, copy_testdata, make_dicom, run_process, tree_of
 
 
 def reference(testdata: Path, tmp_path: Path, only: str = "", more: tuple[Path, ...] = ()) -> dict[str, str]:
@@ -60,6 +58,7 @@ def journal(site: Path, sql: str) -> list:
         db.close()
 
 
+@pytest.mark.dcmtk
 def test_every_real_file_arrives_sorted_as_sort_once_sorts_it(receiver, site, testdata, tmp_path):
     scp, serve = receiver
     files = data_files(testdata)
@@ -75,6 +74,7 @@ def test_every_real_file_arrives_sorted_as_sort_once_sorts_it(receiver, site, te
     assert journal(site, "SELECT count(*) FROM outcomes WHERE done = 0") == [(0,)]
 
 
+@pytest.mark.dcmtk
 def test_four_scanners_at_once(receiver, site, testdata, tmp_path):
     scp, _ = receiver
     series = [FIELDMAP, "philips", "ge", "siemens_fieldmap/3_gre_field_magph"]
@@ -89,6 +89,7 @@ def test_four_scanners_at_once(receiver, site, testdata, tmp_path):
     assert uids(site.parent / "sorted") == expected  # nothing lost, nothing mixed
 
 
+@pytest.mark.dcmtk
 def test_same_study_sent_twice_changes_nothing(receiver, site, testdata, tmp_path):
     scp, _ = receiver
     files = data_files(testdata / "siemens_fieldmap")
@@ -103,6 +104,7 @@ def test_same_study_sent_twice_changes_nothing(receiver, site, testdata, tmp_pat
     assert not dump_files(site)
 
 
+@pytest.mark.dcmtk
 def test_watcher_killed_while_files_arrive(site, testdata, tmp_path):
     """SIGKILL the watcher mid-send, start it again: every file sorted exactly once."""
     scp = Storescp(site)
@@ -128,6 +130,7 @@ def test_watcher_killed_while_files_arrive(site, testdata, tmp_path):
     assert code == 0
 
 
+@pytest.mark.dcmtk
 def test_storescp_killed_mid_transfer_of_a_large_file(site, template_file, tmp_path):
     """storescp writes as data arrives (+B): killed, it leaves a truncated file behind,
     with a close event. It must never reach the tree: it waits, then goes to quarantine."""
@@ -158,6 +161,7 @@ def test_storescp_killed_mid_transfer_of_a_large_file(site, template_file, tmp_p
     assert code == 0
 
 
+@pytest.mark.dcmtk
 def test_a_second_serve_on_the_same_dump_refuses_to_start(receiver, site):
     _, serve = receiver
     second = run_process("--config", str(site), "serve")
@@ -262,6 +266,7 @@ def test_a_stop_finishes_the_file_in_hand_and_says_where_it_waits_when_slow(site
         assert serve.stop() == 0, serve.output()
 
 
+@pytest.mark.dcmtk
 def test_status_reports_what_an_operator_needs(site, template_file, testdata, tmp_path):
     def status() -> tuple[int, dict]:
         result = run_process("--config", str(site), "status", "--json")
@@ -315,6 +320,7 @@ def _status(cfg: Path) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
+@pytest.mark.dcmtk
 def test_status_asks_the_port_for_a_dicom_service(site):
     """Something other than storescp holds the port (storescp then dies with FATAL, and every
     storescu fails): listening is not enough, a C-ECHO must be answered."""
@@ -344,6 +350,7 @@ def test_status_asks_the_port_for_a_dicom_service(site):
         assert serve.stop() == 0
 
 
+@pytest.mark.dcmtk
 def test_status_is_unhealthy_when_the_journal_cannot_be_read(site, tmp_path):
     scp = Storescp(site)
     serve = Serve(site)
@@ -361,6 +368,7 @@ def test_status_is_unhealthy_when_the_journal_cannot_be_read(site, tmp_path):
         scp.stop()
 
 
+@pytest.mark.dcmtk
 def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
     """The repository's supervisord configuration, as `make run` uses it."""
     var = tmp_path / "var"
@@ -707,6 +715,7 @@ def test_a_full_disk_pauses_sorting_and_nothing_is_lost(tmp_path, testdata):
         subprocess.run(["umount", str(small)], check=True)
 
 
+@pytest.mark.dcmtk
 def test_a_full_staging_disk_pauses_sorting_and_says_so(tmp_path, testdata):
     """The dump is on another disk than the tree, so each file is first copied into the
     staging folder on the tree's disk. That disk fills up (the journal is elsewhere, and can
@@ -781,6 +790,7 @@ def test_polling_ignores_a_file_server_clock_that_runs_ahead(site, template_file
         assert serve.stop() == 0
 
 
+@pytest.mark.dcmtk
 def test_serve_anonymises_what_it_receives_and_logs_no_original(tmp_path, testdata, expected):
     cfg = write_config(tmp_path / "site", anon_profile="basic, retain-long-modified-dates")
     scp = Storescp(cfg)

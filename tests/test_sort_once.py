@@ -26,7 +26,7 @@ from dumpwatch.config import Config
 from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.sortonce import Summary, sort_dir
 
-from conftest import FIELDMAP, below, copy_testdata, make_dicom, run, run_process, tree_of
+from helpers import FIELDMAP, below, copy_testdata, make_dicom, run, run_process, tree_of
 
 # The subject folder each part of the test data belongs in: <StudyDate>-<PatientName>.
 SUBJECTS = {

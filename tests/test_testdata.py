@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dcmtk import data_files
 
-from conftest import FIELDMAP, REPO, below, copy_testdata
+from helpers import FIELDMAP, REPO, below, copy_testdata
 
 SCRIPT = REPO / "scripts" / "testdata_subset.py"
 SUBSET = REPO / "tests" / "data"

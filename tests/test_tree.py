@@ -17,7 +17,7 @@ from dumpwatch.identity import Placed
 from dumpwatch.naming import Template, friendly_name, header_text, naming_tags
 from dumpwatch.tree import Decision, Tree, TreeChanged
 
-from conftest import make_dicom, tree_of
+from helpers import make_dicom, tree_of
 
 TEMPLATE = Template.parse("<PatientName>/<SeriesNumber:03>/<InstanceNumber:04>")
 SERIES = "1.2.826.0.1.3680043.8.498.1"

@@ -11,14 +11,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from dcmtk import needs_dcmtk, storescu, wait_for
+from dcmtk import storescu, wait_for
 from pydicom import dcmread
 
 from dumpwatch.config import Config, read_config
 from dumpwatch.naming import Template
 from dumpwatch.sortonce import sort_dir
 
-from conftest import FIELDMAP, below, copy_testdata, make_dicom, tree_of
+from helpers import FIELDMAP, below, copy_testdata, make_dicom, tree_of
 
 
 def fixed_uid(rng: random.Random) -> str:
@@ -59,7 +59,7 @@ def dump_files(site: Path) -> list[str]:
     return [name for name in os.listdir(site.parent / "dump") if name != ".dumpwatch.lock"]
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_a_series_folder_deleted_and_replaced_by_hand_never_swallows_a_resend(receiver, site, template_file,
                                                                             tmp_path):
     """X sorts into 001-gre, Y (same number, name and sizes) into 001-gre_2; by hand,
@@ -87,7 +87,7 @@ def test_a_series_folder_deleted_and_replaced_by_hand_never_swallows_a_resend(re
     assert sorted(os.listdir(subject / "001-gre")) == [f"{n:04d}.dcm" for n in range(1, 11)]
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_files_deleted_by_hand_are_placed_again_when_re_sent(receiver, site, template_file, tmp_path):
     """One sorted file and one whole series folder deleted by hand; both series re-sent:
     every file is placed again, none waits in the dump."""
@@ -109,7 +109,7 @@ def test_files_deleted_by_hand_are_placed_again_when_re_sent(receiver, site, tem
     assert_no_mixed_folders(tree)
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_the_same_study_from_another_sender_is_a_duplicate(receiver, site, testdata, tmp_path):
     """The same images from the scanner and then from a PACS differ only in their file meta
     (SourceApplicationEntityTitle, ImplementationVersionName): one copy in the tree."""
@@ -242,7 +242,7 @@ def test_something_else_at_a_needed_file_name_takes_the_next_free_name(tmp_path,
     assert (folder / "0002.dcm").is_dir() and (folder / "0003.dcm").is_symlink()
 
 
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_something_placed_at_a_needed_name_while_serve_runs_never_strands_a_file(receiver, site, template_file,
                                                                                 tmp_path):
     scp, serve = receiver

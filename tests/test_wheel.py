@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from conftest import REPO, tree_of
+from helpers import REPO, tree_of
 
 
 def _run(args: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -10,7 +10,11 @@ Two headers to build from:
 Files are named as storescp names them (MR.<SOPInstanceUID>), spread over subjects and
 series, with every UID fresh and every InstanceNumber set.
 
-    python bench/corpus.py DIR --files 2000 [--header mr|siemens]
+    python tests/corpus.py DIR --files 2000 [--header mr|siemens]
+
+It lives with the tests, whose campaigns (campaign.py) make their corpora with it; the
+benchmarks in bench/ import it from here, as they import campaign.py and dcmtk.py: bench/
+depends on tests/, never the reverse.
 """
 
 from __future__ import annotations
