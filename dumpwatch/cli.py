@@ -18,6 +18,7 @@ import click
 
 from dumpwatch import __version__
 from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
+from dumpwatch.dumplock import AlreadyServing, read_lock
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
@@ -26,7 +27,7 @@ from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
-from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
+from dumpwatch.watcher import ServeFailed, Server
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumpwatch.config import Config
+from dumpwatch.dumplock import LOCK_NAME, read_lock
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import printable
 from dumpwatch.pipeline import Outcome, Sorter, chunked
-from dumpwatch.watcher import LOCK_NAME, read_lock
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import pytest
 from dcmtk import needs_dcmtk, wait_for, write_config
 
 from dumpwatch.config import read_config
+from dumpwatch.dumplock import read_lock
 from dumpwatch.status import listening
-from dumpwatch.watcher import read_lock
 
 from conftest import tree_of
 
