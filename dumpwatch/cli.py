@@ -19,7 +19,7 @@ import click
 from dumpwatch import __version__
 from dumpwatch.config import KEYS, LEGACY_UNUSED, Config, check_layout, load_config
 from dumpwatch.dumplock import AlreadyServing, read_lock
-from dumpwatch.errors import ConfigError
+from dumpwatch.errors import ConfigError, ServeFailed
 from dumpwatch.journal import Journal, printable
 from dumpwatch.keys import load_key
 from dumpwatch.pipeline import Outcome
@@ -27,7 +27,7 @@ from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.send import Receiver, Result, SendError, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.status import render, report
-from dumpwatch.watcher import ServeFailed, Server
+from dumpwatch.watcher import Server
 from dumpwatch.workers import quiet_pydicom
 
 log = logging.getLogger("dumpwatch")
