@@ -36,8 +36,8 @@ REPO = HERE.parent
 WORK = HERE / "out"
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helper modules; tests never import bench/
 
+from dumpwatch.dumplock import read_lock  # noqa: E402
 from dumpwatch.status import listening  # noqa: E402
-from dumpwatch.watcher import read_lock  # noqa: E402
 
 from corpus import make_corpus  # noqa: E402
 

@@ -20,13 +20,14 @@ import click
 from dumpwatch import __version__
 from dumpwatch.checks import check_config, check_rules, config_value, status_command, where
 from dumpwatch.config import Config, check_layout
-from dumpwatch.errors import ConfigError
+from dumpwatch.dumplock import AlreadyServing, read_lock
+from dumpwatch.errors import ConfigError, ServeFailed
 from dumpwatch.journal import printable
 from dumpwatch.options import Options, config_from, config_option
 from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.send import Listing, Receiver, Result, SendError, Sent, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
-from dumpwatch.watcher import AlreadyServing, ServeFailed, Server, read_lock
+from dumpwatch.watcher import Server
 from dumpwatch.workers import quiet_pydicom
 
 if TYPE_CHECKING:

@@ -36,3 +36,7 @@ class ConfigErrors(ConfigError):
         first = errors[0]
         Exception.__init__(self, "\n".join(str(error) for error in errors))
         self.path, self.line, self.key = first.path, first.line, first.key
+
+
+class ServeFailed(Exception):
+    """The observer or a worker died: exit non-zero, so that the supervisor restarts us."""

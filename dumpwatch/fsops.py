@@ -234,3 +234,13 @@ def remove_if_there(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder at path, None if it is gone: a folder moved away, or
+    removed and made anew, has another, though its name is the same."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumpwatch.config import Config
+from dumpwatch.dumplock import LOCK_NAME, read_lock
 from dumpwatch.errors import ConfigError
 from dumpwatch.journal import printable
 from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.sorter import Sorter
-from dumpwatch.watcher import LOCK_NAME, read_lock
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)

@@ -41,10 +41,10 @@ import time
 from pathlib import Path
 
 from dumpwatch.config import load_config
+from dumpwatch.dumplock import read_lock
 from dumpwatch.errors import ConfigError
 from dumpwatch.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from dumpwatch.status import listening
-from dumpwatch.watcher import read_lock
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's: supervisord and dumpwatch are beside it

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from dumpwatch.dumplock import read_lock
 from dumpwatch.send import Item, read_item, write_profile
 from dumpwatch.status import listening
-from dumpwatch.watcher import read_lock
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -372,7 +372,7 @@ def test_zero_length_files(tmp_path):
 def test_serve_survives_every_kind_of_entry_in_the_dump(tmp_path, template_file):
     """FIFOs, sockets, folders, symlinks and empty files in the dump while serve runs.
 
-    What the code does with each (watcher.py, dicomfile.py):
+    What the code does with each (arrivals.py, dicomfile.py):
     - a FIFO, a socket, a device, a symlink (to a file, a folder, or nothing): found by the
       sweep (or by a close event), opened with O_NOFOLLOW | O_NONBLOCK (a FIFO never blocks,
       a link is never followed), rejected as not a regular file: the entry itself is moved

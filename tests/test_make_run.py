@@ -18,8 +18,8 @@ import pytest
 from dcmtk import wait_for, write_config
 
 from dumpwatch.config import read_config
+from dumpwatch.dumplock import read_lock
 from dumpwatch.status import listening
-from dumpwatch.watcher import read_lock
 
 from helpers import tree_of
 

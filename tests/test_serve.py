@@ -409,7 +409,7 @@ def test_supervisord_runs_restarts_and_stops_both(site, testdata, tmp_path):
 
 
 def _lock_pid(site: Path, dump: Path | None = None) -> int | None:
-    from dumpwatch.watcher import read_lock
+    from dumpwatch.dumplock import read_lock
 
     holder = read_lock(dump or site.parent / "dump")
     return holder.pid if holder else None
