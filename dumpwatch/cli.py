@@ -22,11 +22,11 @@ from dumpwatch.checks import check_config, check_rules, config_value, status_com
 from dumpwatch.config import Config, check_layout
 from dumpwatch.dumplock import AlreadyServing, read_lock
 from dumpwatch.errors import ConfigError, ServeFailed
-from dumpwatch.journal import printable
 from dumpwatch.options import Options, config_from, config_option
 from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.send import Listing, Receiver, Result, SendError, Sent, check_receiver, list_folder, send
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
+from dumpwatch.text import printable
 from dumpwatch.watcher import Server
 from dumpwatch.workers import quiet_pydicom
 

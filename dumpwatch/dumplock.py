@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dumpwatch.journal import now
+from dumpwatch.text import now
 
 LOCK_NAME = ".dumpwatch.lock"  # in the dump: one serve per dump
 LOCK_PATIENCE = 2.0  # seconds a start waits for a lock held only for a moment

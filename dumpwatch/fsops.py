@@ -212,12 +212,8 @@ def file_sha256(path: str, dir_fd: int | None = None) -> str | None:
 
 
 def folder_id(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the folder holding path; None if it cannot be looked at."""
-    try:
-        st = os.stat(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+    """identity() of the folder holding path."""
+    return identity(os.path.dirname(os.path.abspath(path)))
 
 
 def same_inode(a: str, b: str) -> bool:
@@ -236,7 +232,7 @@ def remove_if_there(path: str) -> None:
         pass
 
 
-def identity(path: Path) -> tuple[int, int] | None:
+def identity(path: Path | str) -> tuple[int, int] | None:
     """(device, inode) of the folder at path, None if it is gone: a folder moved away, or
     removed and made anew, has another, though its name is the same."""
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import quote
 from dumpwatch.keys import name_token, new_uid, path_token
 from dumpwatch.outcomes import Outcome
 from dumpwatch.state import UnsafeState, fd_path
+from dumpwatch.text import now, printable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -50,27 +50,8 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def printable(text: str) -> str:
-    """Text safe to store and print: a file name that is not UTF-8 keeps its odd bytes as \\xNN."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _text(text: str | None) -> str | None:
     return None if text is None else printable(text)
-
-
-def now() -> str:
-    """UTC time to the millisecond, as the journal stores it."""
-    return time_text(time.time())
-
-
-def time_text(moment: float) -> str:
-    """A time.time() value as the journal stores times."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
 
 
 FIND_SQL = (

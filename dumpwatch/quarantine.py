@@ -15,10 +15,11 @@ from pathlib import Path
 from dumpwatch import failpoints, keys
 from dumpwatch.config import Config
 from dumpwatch.fsops import AT_FDCWD, copy_file, file_sha256, folder_id, make_folder, move_noreplace, write_all
-from dumpwatch.journal import Entry, Journal, now, printable
+from dumpwatch.journal import Entry, Journal
 from dumpwatch.outcomes import PER_FILE, Failed, Handled, Outcome
 from dumpwatch.prepare import Job
 from dumpwatch.reasons import not_quarantined
+from dumpwatch.text import now, printable
 
 log = logging.getLogger(__name__)
 

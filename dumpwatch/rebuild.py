@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pydicom import dcmread
 
 from dumpwatch.fsops import entries_below
-from dumpwatch.journal import Entry, Journal, time_text
+from dumpwatch.journal import Entry, Journal
+from dumpwatch.text import time_text
 
 log = logging.getLogger(__name__)
 

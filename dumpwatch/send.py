@@ -30,7 +30,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 
 from dumpwatch.fsops import entries_below
-from dumpwatch.journal import printable
+from dumpwatch.text import printable
 
 MAX_CONTEXTS = 128  # presentation contexts in one association: odd IDs 1..255
 ARGV_BYTES = 256 * 1024  # file names given to one storescu run, at most (the kernel allows 2 MiB in all)

@@ -17,9 +17,9 @@ from pathlib import Path
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, read_lock
 from dumpwatch.errors import ConfigError
-from dumpwatch.journal import printable
 from dumpwatch.outcomes import Handled, Outcome
 from dumpwatch.sorter import Sorter
+from dumpwatch.text import printable
 from dumpwatch.workers import Workers
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, read_lock
-from dumpwatch.journal import printable
 from dumpwatch.reasons import STILL_ARRIVING, disk_full
+from dumpwatch.text import printable
 
 _RECENT = 5  # quarantined files listed with their reasons
 _SKEW = 60  # seconds a file's time may lie ahead of ours before status calls it a clock problem
