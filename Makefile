@@ -22,10 +22,10 @@ $(STAMP):
 	  else echo "Python's venv module is missing: as root, apt-get install python3-venv"; exit 1; fi; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,server]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,server,lint]'
 	touch $@
 
-install: $(STAMP) ## make .venv with dumpwatch and its test tools
+install: $(STAMP) ## make .venv with dumpwatch and its test and lint tools
 
 dcmtk: ## install DCMTK's storescp and storescu with apt-get when they are missing
 	@command -v storescp >/dev/null && command -v storescu >/dev/null || { \
