@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -137,7 +138,7 @@ class Anonymiser:
 
 def _scrub_words(ds: Dataset) -> list[str]:
     """Identifying words to cut out of text that the profile cleans (C) rather than removes."""
-    words = set()
+    words: set[str] = set()
     for tag in (_PATIENT_NAME, _PATIENT_ID, 0x00080080, 0x00080090, 0x00081070, 0x00081050, 0x00080050,
                 0x00101001, 0x00081010, 0x00101000):
         if tag in ds:
@@ -159,6 +160,7 @@ class _Run:
         profile = self.a.profile
         creators: dict[tuple[int, int], str] | None = None
         kept_blocks: set[tuple[int, int]] = set()
+        action: str | None
         for tag in list(ds.keys()):
             group, element = tag >> 16, tag & 0xFFFF
             if element == 0:  # a group length: stale once values change, and retired anyway
@@ -179,12 +181,13 @@ class _Run:
                 action = profile.action(tag)
             self.element(ds, tag, action)
         if creators is not None:
-            for (group, block), _ in creators.items():
-                if (group, block) not in kept_blocks and (group << 16 | block) in ds:
-                    del ds[group << 16 | block]
+            for (group, high), _ in creators.items():
+                if (group, high) not in kept_blocks and (group << 16 | high) in ds:
+                    del ds[group << 16 | high]
 
     def element(self, ds: Dataset, tag: int, action: str | None) -> None:
-        vr = ds.get_item(tag).VR
+        elem: DataElement | RawDataElement = ds.get_item(tag)  # raw if never read, its VR None if implicit
+        vr = elem.VR
         if vr is None or vr == "UN":
             vr = ds[tag].VR
         if action in (None, "K"):

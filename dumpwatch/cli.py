@@ -52,7 +52,7 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, 
     stderr.setFormatter(form)
     if not per_file and not verbose:
         stderr.addFilter(lambda record: not getattr(record, "per_file", False))
-    stderr.dumpwatch = True  # type: ignore[attr-defined]
+    stderr.dumpwatch = True  # type: ignore[attr-defined]  # marks our handlers, for the next call to find
     root.addHandler(stderr)
     if cfg.fname_log is not None:
         cfg.fname_log.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def setup_logging(cfg: Config, verbose: int, stderr_level: int = logging.ERROR, 
         handler = logging.handlers.WatchedFileHandler(cfg.fname_log, errors="backslashreplace")
         handler.setLevel(logging.INFO)
         handler.setFormatter(form)
-        handler.dumpwatch = True  # type: ignore[attr-defined]
+        handler.dumpwatch = True  # type: ignore[attr-defined]  # as stderr's above
         root.addHandler(handler)
 
 

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.datadict import keyword_dict
 
@@ -90,7 +91,7 @@ class Config:
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
-    def replace(self, **changes: object) -> Config:
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def effective(self) -> list[tuple[str, str, str]]:
@@ -222,7 +223,7 @@ def read_config(path: Path) -> Config:
         explicit=explicit,
         profile=profile,
         subjects=subjects,
-        **values,  # type: ignore[arg-type]
+        **values,  # type: ignore[arg-type]  # each value is of its key's type, as KEYS parses it
     )
     try:
         check_layout(cfg)  # on the keys that were read well
@@ -341,19 +342,21 @@ def _anonymisation(reading: _Reading, anon_fields: tuple[int, ...]) -> tuple[Pro
     if "anon_profile" in values:
         names = values["anon_profile"]
         rules_dir = values.get("rules_dir") or RULES_DIR
-        missing = [name for name in names  # type: ignore[union-attr]
-                   if not find_layer(name, rules_dir, base).is_file()]  # type: ignore[arg-type]
+        assert isinstance(names, tuple) and isinstance(rules_dir, Path)  # as KEYS parses them
+        missing = [name for name in names if not find_layer(name, rules_dir, base).is_file()]
         for name in missing:
             reading.mistake(f"no rule layer {name!r} (in {rules_dir}, or a path to a .toml file)",
                             reading.seen["anon_profile"], "anon_profile")
         if not missing:
             try:
-                profile = load_profile(list(names), rules_dir, base, anon_fields, path)  # type: ignore[arg-type]
+                profile = load_profile(list(names), rules_dir, base, anon_fields, path)
             except ConfigError as exc:  # a mistake in a rule layer: named by its own file and line
                 reading.errors.append(exc)
-    if values.get("anon_subjects"):
+    subjects_path = values.get("anon_subjects")
+    if subjects_path:
+        assert isinstance(subjects_path, Path)  # a path key, or None when left blank
         try:
-            subjects = load_subjects(values["anon_subjects"])  # type: ignore[arg-type]
+            subjects = load_subjects(subjects_path)
         except ConfigError as exc:
             reading.errors.append(exc)
     return profile, subjects

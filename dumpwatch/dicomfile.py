@@ -27,6 +27,7 @@ from dumpwatch.elements import (
     DEFLATED,
     Unexpected,
     Walker,
+    as_elements,
     check_complete,
     data_set_encoding,
     meta_end,
@@ -187,16 +188,17 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
     """
     fd, st = open_regular(path)
     try:
+        data: bytes | None
         if st.st_size <= IN_MEMORY_MAX:
-            data: bytes | None = _read_all(fd, st.st_size)
+            data = _read_all(fd, st.st_size)
             size = len(data)
             digest = hashlib.sha256(data).hexdigest()
             buffer: bytes | mmap.mmap = data
         else:
             data = None
-            with FileAt(fd) as stream:
-                digest = hashlib.file_digest(stream, "sha256").hexdigest()
-                size = stream.tell()
+            with FileAt(fd) as file:
+                digest = hashlib.file_digest(file, "sha256").hexdigest()
+                size = file.tell()
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
         try:
             _check_start(buffer, size)
@@ -234,7 +236,7 @@ def read_dicom(path: str, wanted: frozenset[int] | None = None) -> DicomFile:
 
 def _read_all(fd: int, size: int) -> bytes:
     """The whole file; read in one call when its size is right (one more byte shows growth)."""
-    chunks = []
+    chunks: list[bytes] = []
     while chunk := os.read(fd, max(size + 1, 1 << 16) if not chunks else 1 << 20):
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -334,7 +336,7 @@ def _prefix_of(st: os.stat_result, buffer, whole: bool, wanted: frozenset[int]) 
     values, _ = walker.walk(start, wanted, stop_after=max(wanted))
     if not whole and not walker.stopped:
         raise Incomplete("the wanted elements may lie beyond the part read")
-    ds = Dataset(values)
+    ds = Dataset(as_elements(values))
     ds.set_original_encoding(implicit, little, None)
     return Header(st, ds, st.st_size - start)
 

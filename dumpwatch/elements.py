@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import MutableMapping
+from typing import cast
 
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -26,6 +28,12 @@ ALWAYS = frozenset({0x00080005, 0x00080016})  # SpecificCharacterSet, SOPClassUI
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _IMPLICIT_LE, _EXPLICIT_BE, DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+
+
+def as_elements(found: dict[int, RawDataElement]) -> MutableMapping[BaseTag, DataElement | RawDataElement]:
+    """The walk's elements as Dataset() is typed to take them. Dataset keeps the very dict;
+    its int keys find the same elements as BaseTag keys do (a BaseTag is an int)."""
+    return cast(MutableMapping[BaseTag, DataElement | RawDataElement], found)
 
 
 class Unexpected(Exception):
@@ -71,8 +79,8 @@ def scan(buffer, size: int, wanted: frozenset[int]) -> Dataset:
     found, seen = walker.walk(position, wanted | ALWAYS)
     if not seen:
         raise Incomplete("no data set after the file meta information")
-    ds = Dataset(found)
-    ds.file_meta = FileMetaDataset(meta)
+    ds = Dataset(as_elements(found))
+    ds.file_meta = FileMetaDataset(as_elements(meta))
     ds.set_original_encoding(implicit, little, None)
     _check_object(ds.file_meta, seen, ds)
     return ds
@@ -88,6 +96,7 @@ def read_file_meta(buffer, size: int) -> tuple[dict[int, RawDataElement], int, s
     position = 132
     while position + 8 <= size and struct.unpack_from("<H", buffer, position)[0] == 0x0002:
         tag, vr, value_at, length = walker.element(position)
+        assert vr is not None  # group 0002 is explicit VR, and not an item's group (FFFE)
         if length == _UNDEFINED or value_at + length > size:
             raise Unexpected()
         value = bytes(buffer[value_at : value_at + length])
@@ -96,6 +105,7 @@ def read_file_meta(buffer, size: int) -> tuple[dict[int, RawDataElement], int, s
     syntax = meta.get(0x00020010)
     if syntax is None or position >= size:
         raise Unexpected()
+    assert syntax.value is not None  # made from bytes above
     return meta, position, syntax.value.rstrip(b"\0 ").decode("ascii", "replace")
 
 
@@ -171,7 +181,9 @@ def check_complete(ds: Dataset, size: int, buffer) -> bool:
     if ds.file_meta.get("TransferSyntaxUID", "") == DEFLATED:
         return False  # whole: _check_inflated saw its zlib stream end, before pydicom read it
     implicit, little = ds.original_encoding
-    last = ds.get_item(next(reversed(ds.keys())))
+    assert implicit is not None and little is not None  # pydicom's reader sets both
+    # keys() is typed as a set, but is the Dataset's dict's keys, which reverse in insertion order.
+    last = ds.get_item(next(reversed(ds.keys())))  # type: ignore[call-overload]
     value_at = getattr(last, "value_tell", None)
     if value_at is None:
         value_at = last.file_tell

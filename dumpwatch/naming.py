@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydicom.charset import CUSTOMIZABLE_CHARSET_VR, TEXT_VR_DELIMS, convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_dict
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -136,7 +136,8 @@ def header_text(ds: Dataset, keyword: str) -> str | None:
     tag = keyword_dict[keyword]
     if tag not in ds:
         return None
-    elem = ds.get_item(tag)
+    # get_item is typed as returning a DataElement, but a value never read is still raw.
+    elem: DataElement | RawDataElement = ds.get_item(tag)
     vr = elem.VR or dictionary_VR(tag)
     if isinstance(elem, RawDataElement) and vr in _TEXT_VRS and elem.value is not None:
         data = elem.value
@@ -207,7 +208,7 @@ def _padded(value: str, width: int) -> str:
 
 def _as_int(value: object) -> int | None:
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]  # any value: float() raises for what is no number
     except (TypeError, ValueError):
         return None
     return int(number) if number.is_integer() else None

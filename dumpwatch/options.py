@@ -21,7 +21,9 @@ class Options:
 
 def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
-        ctx.find_object(Options).config = value
+        options = ctx.find_object(Options)
+        assert options is not None  # the group's callback made it, before a command's options are read
+        options.config = value
 
 
 def config_option(command):

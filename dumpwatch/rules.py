@@ -248,7 +248,7 @@ def _applied(profile: Profile, setter: dict[int, Layer], default_setter: Layer |
         # fully applied option allows.
         ok = True
         for tag, action in basic.actions.items():
-            final = profile.actions.get(tag)
+            final = profile.actions[tag]  # basic is one of the layers merged: each of its tags has one
             resolved = RESOLVED.get(final, final)
             if final == action or resolved in PROTECTIVE or any(o.actions.get(tag) == final for o in options):
                 continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -12,6 +11,8 @@ import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import ForkContext, ForkProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from pydicom import config as pydicom_config
@@ -52,22 +53,22 @@ def _start_worker(job: Job, parent: int, nice: int) -> None:
     quiet_pydicom()
 
 
-def _fork_context(processes: list) -> multiprocessing.context.BaseContext:
+def _fork_context(processes: list[BaseProcess]) -> ForkContext:
     """The fork context, whose worker processes are also listed in `processes`.
 
     The pool's own list of its processes is private; this way dumpwatch learns through the
     public API (the executor's mp_context, Process.exitcode) whether a worker died, and how,
     even one that died idle, with no future to fail."""
-    fork = multiprocessing.get_context("fork")
-
-    class Process(fork.Process):  # type: ignore[name-defined,misc]
+    class Process(ForkProcess):  # the fork context's Process, listing itself
         def start(self) -> None:
             super().start()
             processes.append(self)
 
-    context = type(fork)()
-    context.Process = Process  # type: ignore[misc]
-    return context
+    class Context(ForkContext):
+        """A fork context of its own, whose Process is the one above."""
+
+    Context.Process = Process
+    return Context()
 
 
 def _prepare_chunk(paths: list[str]) -> list[Result]:
@@ -95,7 +96,7 @@ class Workers:
         self.nice = nice
         self.suspects = Suspects(state, job.anonymiser.key if job.anonymiser else None)
         self.pool: ProcessPoolExecutor | None = None
-        self.processes: list[multiprocessing.Process] = []  # the pool's worker processes
+        self.processes: list[BaseProcess] = []  # the pool's worker processes
         self._broken = False  # a future or a submit failed with BrokenProcessPool
         if count > 1 or always_pool:
             self._start()
@@ -115,8 +116,8 @@ class Workers:
     def run(self, chunks: Iterable[list[str]]) -> Iterator[list[Result]]:
         """Results chunk by chunk, as they complete; at most a few chunks are in flight."""
         if self.pool is None:
-            for chunk in chunks:
-                yield [prepare(path, self.job) for path in chunk]
+            for paths in chunks:
+                yield [prepare(path, self.job) for path in paths]
             return
         todo = iter(chunks)
         running: dict[Future, list[str]] = {}
@@ -250,7 +251,7 @@ class Workers:
         self.close()
 
 
-def _exitcode(process: multiprocessing.Process) -> int | None:
+def _exitcode(process: BaseProcess) -> int | None:
     """The process's exit status, None while it runs (or if its object was closed)."""
     try:
         return process.exitcode

@@ -111,7 +111,7 @@ def port_holders(port: int) -> list[int]:
             fields = line.split()
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
-    holders = []
+    holders: list[int] = []
     if not inodes:
         return holders
     for entry in os.listdir("/proc"):
