@@ -661,45 +661,6 @@ def test_hostile_numbers_and_long_dump_names(tmp_path, template_file):
     assert len(quarantined) == 2 and all(len(p.name.encode()) <= 255 for p in quarantined)
 
 
-def test_a_duplicate_of_a_file_that_could_not_be_placed_stays(tmp_path, template_file):
-    """Two identical files in one batch: if the first is not placed, the second is kept."""
-    from dumpwatch.outcomes import Prepared
-    from dumpwatch.prepare import prepare
-    from dumpwatch.sorter import Sorter
-
-    source = tmp_path / "dump"
-    first = make_dicom(source / "a", template_file)
-    second = source / "b"
-    shutil.copyfile(first, second)
-    with Sorter(config(tmp_path)) as sorter:
-        results = [prepare(str(p), sorter.job) for p in (first, second)]
-        assert all(isinstance(r, Prepared) for r in results)
-        first.unlink()  # gone between reading and placing
-        outcomes = sorter.handle(results)
-    assert [(o.outcome, o.detail) for o in outcomes] == [
-        ("gone", "vanished while it was being sorted"),
-        ("left", "the identical file it matched is not there any more"),
-    ]
-    assert second.exists() and not (tmp_path / "out" / "20210715-phantom").exists()
-    rows = [(r["outcome"], r["done"]) for r in journal_rows(tmp_path / "out")]
-    assert rows == [("left", 1)]
-
-
-def test_a_file_changed_after_it_was_read_is_read_again(tmp_path, template_file):
-    from dumpwatch.prepare import prepare
-    from dumpwatch.sorter import Sorter
-
-    source = make_dicom(tmp_path / "dump" / "MR.1", template_file)
-    with Sorter(config(tmp_path)) as sorter:
-        result = prepare(str(source), sorter.job)
-        make_dicom(tmp_path / "other", template_file, InstanceNumber=9)
-        os.replace(tmp_path / "other", source)  # storescp overwrote a re-sent instance
-        outcomes = sorter.handle([result])
-    assert outcomes[0].outcome == "left" and "changed while it was being sorted" in outcomes[0].detail
-    assert sort_dir(tmp_path / "dump", config(tmp_path)).exit_code == 0
-    assert list(tree_of(tmp_path / "out")) == ["20210715-phantom/002-gre_field_magph/0009.dcm"]
-
-
 def _mount_bind(source: Path, target: Path) -> bool:
     target.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode == 0
