@@ -5,7 +5,7 @@ Two inputs:
   - every file of the test data as it is, read in place: real files from five vendors,
     the Siemens field map whose two echoes share InstanceNumbers, and the folder's non-DICOM
     files (SOURCES.md, expected.json; LICENSES/ in the repository's subset). The full set
-    (../shared/testdata, or DUMPWATCH_TESTDATA) when it is there, else tests/data.
+    (the folder DUMPWATCH_TESTDATA names) when it is set, else tests/data.
 
 Each tool sorts each input in copy mode (dumpwatch sort-once --copy; dicomsort with
 keep_original, through bench/dicomsort_run.py in its own venv, as bench/sort_once.py makes

@@ -22,8 +22,9 @@ class Backoff:
     most: float
 
     def delay(self, attempt: int) -> float:
-        """The wait before try attempt + 1 (attempt 1: first)."""
-        return min(self.first * 2 ** max(0, attempt - 1), self.most)
+        """The wait before try attempt + 1 (attempt 1: first). The doubling stops at 2**32:
+        a file left for days is tried thousands of times, and 2**1024 is too large a float."""
+        return min(self.first * 2 ** min(max(0, attempt - 1), 32), self.most)
 
 
 TRANSIENT_BACKOFF = Backoff(0.2, 5.0)  # a transient OS error: five tries within about 3 s

@@ -29,12 +29,11 @@ from pydicom import dcmread, examples
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-FULL_SET = REPO.parent / "shared" / "testdata"  # all 403 files: the set the figures in docs/ come from
 SUBSET = REPO / "tests" / "data"  # the 76 files the repository carries
-# The real scanner files benchmarks read: the folder DUMPWATCH_TESTDATA names, else the full
-# set where it is kept beside the repository, else the repository's subset.
-TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA")
-                or (FULL_SET if (FULL_SET / "expected.json").is_file() else SUBSET))
+# The real scanner files benchmarks read: the folder DUMPWATCH_TESTDATA names (the full set
+# of 403 files the figures in docs/ come from, tests/data/SOURCES.md), else the subset, as
+# the tests read them (conftest.py).
+TESTDATA = Path(os.environ.get("DUMPWATCH_TESTDATA") or SUBSET)
 SIEMENS = TESTDATA / "siemens_fieldmap" / "2_gre_field_magph" / "e1_01.dcm"
 
 
@@ -45,8 +44,8 @@ def check_testdata() -> Path:
         sys.exit(f"no test data in {TESTDATA} (no expected.json there): set DUMPWATCH_TESTDATA to its folder")
     if TESTDATA.resolve() == SUBSET.resolve():
         print(f"note: this runs on the repository's subset of the test data, {SUBSET}: fewer files, "
-              f"other figures than docs/. For those, put the full set at {FULL_SET} or set "
-              "DUMPWATCH_TESTDATA to its folder.", file=sys.stderr)
+              "other figures than docs/. For those, set DUMPWATCH_TESTDATA to the full set's folder.",
+              file=sys.stderr)
     return TESTDATA
 
 

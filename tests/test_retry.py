@@ -51,3 +51,10 @@ def test_retries_stop_after_five_attempts(monkeypatch):
         retry.retry_transient(broken)
     assert len(calls) == 6  # the plain try, then five under the policy
     assert naps == sorted(naps) and len(naps) == 4
+
+
+def test_the_backoff_doubles_up_to_its_most_however_many_tries():
+    """serve tries a file left in the dump again and again, for days if it must."""
+    backoff = retry.Backoff(1.0, 60.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 6, 7, 8)] == [1.0, 2.0, 4.0, 32.0, 60.0, 60.0]
+    assert backoff.delay(100_000) == 60.0
