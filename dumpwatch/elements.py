@@ -243,6 +243,9 @@ class Walker:
             seen.add(tag)
             if length == _UNDEFINED:
                 position = self._skip_items(value_at, tag, implicit or vr == b"UN")
+                if tag in wanted:  # a sequence, kept with its delimiter, as pydicom reads one
+                    found[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii") if vr else None, length,
+                                                bytes(buffer[value_at:position]), value_at, implicit, little)
                 continue
             end = value_at + length
             if end > size:
