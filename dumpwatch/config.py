@@ -47,6 +47,9 @@ class Config:
     sweep_interval: float = 60.0
     backlog_alarm: float = 300.0
     in_hand: int = 20_000
+    series_idle: float = 60.0
+    study_idle: float = 600.0
+    allowed_senders: tuple[str, ...] = ()
     anon_profile: tuple[str, ...] = ()
     rules_dir: Path | None = None
     anon_key: Path | None = None

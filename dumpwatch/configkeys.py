@@ -105,6 +105,11 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _senders(text: str) -> tuple[str, ...]:
+    """AE titles separated by commas; blank: any sender."""
+    return tuple(dict.fromkeys(_aetitle(n.strip()) for n in text.split(",") if n.strip()))
+
+
 def _workers(text: str) -> int:
     if text.lower() == "auto":
         return 0
@@ -152,6 +157,12 @@ KEYS: dict[str, Key] = {
     "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
     "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
                    "queue and sweeps take more as these are done"),
+    "series_idle": Key(_seconds_from(1), "60", "a series is complete once no file of it arrived for this long "
+                       "and none waits in the dump"),
+    "study_idle": Key(_seconds_from(1), "600", "a study is complete once all its series are and nothing of it "
+                      "arrived for this long"),
+    "allowed_senders": Key(_senders, "(any)", "calling AE titles whose files are sorted, separated by commas; "
+                           "files from others go to the quarantine", blank_ok=True),
     "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
     "rules_dir": Key(str, "the layers shipped with dumpwatch", "where anon_profile finds layers by name", kind="path"),
     "anon_key": Key(str, f"<dir_out>/{STATE_DIR}/anon.key", "the site's secret for new UIDs, pseudonyms and "

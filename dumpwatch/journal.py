@@ -5,45 +5,18 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from dumpwatch import completion, schema
+from dumpwatch.facts import Facts
 from dumpwatch.keys import name_token, new_uid, path_token
 from dumpwatch.outcomes import Outcome
 from dumpwatch.state import UnsafeState, fd_path
 from dumpwatch.text import now, printable
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outcomes (
-    id INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,        -- UTC, ISO 8601
-    outcome TEXT NOT NULL,     -- sorted, duplicate, quarantined, left, renamed
-    done INTEGER NOT NULL,     -- 0 while the move is under way; start-up recovery settles it
-    kept INTEGER NOT NULL DEFAULT 0, -- 1 when the source stays where it was (sort-once --copy)
-    source TEXT,               -- the path the file had when dumpwatch found it
-    name TEXT,                 -- its file name, to look up the cryptic names storescp gives
-    sop_uid TEXT,
-    series_uid TEXT,
-    sha256 TEXT,               -- of the file as received
-    out_sha256 TEXT,           -- of the file as placed, when anonymising changed it
-    dest TEXT,                 -- where it is now: in the sorted tree or the quarantine
-    reason TEXT                -- why it was quarantined or left
-);
-CREATE INDEX IF NOT EXISTS outcomes_name ON outcomes(name);
-CREATE INDEX IF NOT EXISTS outcomes_sop_uid ON outcomes(sop_uid);
-CREATE INDEX IF NOT EXISTS outcomes_sha256 ON outcomes(sha256);
-CREATE INDEX IF NOT EXISTS outcomes_dest ON outcomes(dest);
-CREATE INDEX IF NOT EXISTS outcomes_pending ON outcomes(done) WHERE done = 0;
-CREATE INDEX IF NOT EXISTS outcomes_time ON outcomes(time);
-CREATE TABLE IF NOT EXISTS rebuilds (  -- the journal was found new beside a tree that held files
-    id INTEGER PRIMARY KEY,
-    started TEXT NOT NULL,     -- UTC, ISO 8601: the history before is lost
-    finished TEXT,             -- NULL while under way (a start stopped half-way goes on with it)
-    files INTEGER NOT NULL DEFAULT 0  -- rows rebuilt from the tree
-);
-"""
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -52,6 +25,16 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 def _text(text: str | None) -> str | None:
     return None if text is None else printable(text)
+
+
+def _facts(entry: Entry) -> tuple:
+    """(study_uid, instance, echo, frames, sender, received, frame_sets, frames_missing) as
+    the journal stores them."""
+    f = entry.facts
+    if f is None:
+        return (None,) * 8
+    return (f.study_uid or None, f.instance, f.echo, f.frames, printable(f.sender) or None, f.received,
+            f.frame_sets or None, f.frames_missing if f.frame_sets else None)
 
 
 FIND_SQL = (
@@ -80,6 +63,7 @@ class Entry:
     out_sha256: str | None = None
     id: int | None = None  # set once written
     time: str | None = None  # when it happened, if not now (a row rebuilt from the tree)
+    facts: Facts | None = None  # what completion counts: study, instance, echo, sender (placed files)
 
 
 class Journal:
@@ -109,6 +93,7 @@ class Journal:
         finally:
             os.close(fd)
         self.identity = st.st_dev, st.st_ino  # the file SQLite writes to, whatever its name comes to hold
+        self.counted: set[int] = set()  # ids of the series this process counted files into
         self.path = path
         if dir_fd is None:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
@@ -125,8 +110,8 @@ class Journal:
             # their names). With FULL, two fsyncs per batch slowed storescp beside us by a fifth.
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-        except sqlite3.Error:
+            self.migrated = schema.migrate(self.db, path)
+        except (sqlite3.Error, schema.NewerJournal):
             self.db.close()  # a damaged file: the caller says so
             raise
         if dir_fd is not None:
@@ -201,14 +186,19 @@ class Journal:
             first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM outcomes").fetchone()[0]
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
-                " sha256, out_sha256, dest, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " sha256, out_sha256, dest, reason, study_uid, instance, echo, frames, sender, received, frame_sets,"
+                " frames_missing) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(first + number, e.time or stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid,
-                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason))
+                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason), *_facts(e))
                  for number, e in enumerate(entries)],
             )
             for number, entry in enumerate(entries):
                 entry.id = first + number
             self._drop_repeats(db, [e for e in entries if e.outcome == Outcome.LEFT])
+            counted = [e for e in entries if e.facts is not None and e.series_uid]
+            completion.note(db, [(e.series_uid or "", e.facts) for e in counted if e.facts is not None])
+            if done:
+                self.counted |= completion.tally(db, [e.id for e in counted if e.id is not None], time.time())
 
     def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
         """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""
@@ -228,6 +218,22 @@ class Journal:
                 [(stamp, _text(e.reason), e.id) for e in undone],
             )
             self._drop_repeats(db, undone)
+            self.counted |= completion.tally(db, [e.id for e in done if e.id is not None], time.time())
+
+    def complete(self, series_idle: float, study_idle: float, held: set[str] | None) -> list[completion.Completion]:
+        """Mark complete the series and studies idle long enough (completion.complete)."""
+        moment = time.time()
+        if held is None or not completion.due(self.db, moment, series_idle, study_idle):
+            return []  # nothing to write: no write transaction
+        with self._transaction() as db:
+            return completion.complete(db, moment, series_idle, study_idle, held)
+
+    def complete_counted(self, series_idle: float, study_idle: float) -> list[completion.Completion]:
+        """Mark complete at once every series this process counted files into, and their
+        studies once all their series are (sort-once, as it ends); the others as their idle
+        times say (those of a sort-once that was killed, say)."""
+        with self._transaction() as db:
+            return completion.complete(db, time.time(), series_idle, study_idle, set(), only=self.counted)
 
     def _source(self, entry: Entry) -> tuple[str | None, str | None]:
         """(source, name) as the journal stores them."""

@@ -3,9 +3,10 @@ Outcome each file ends with, as the journal, the log and sort-once's summary nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from dumpwatch.facts import Facts
 from dumpwatch.naming import Name
 
 # A log record about one file's outcome, which sort-once's summary also gives (counted by
@@ -43,6 +44,7 @@ class Prepared:
     identity: str | None = None  # of that data set, taken in a dry run (no staged copy to read)
     staged: str | None = None  # a copy written to the staging folder, to place instead of source
     fresh: bool = False  # written moments ago: its writeback was started early
+    facts: Facts = field(default_factory=Facts)  # what the journal records for completion
 
 
 @dataclass
@@ -63,3 +65,4 @@ class Handled:
     source: str
     outcome: Outcome
     detail: str
+    series_uid: str = ""  # when known: a file left in the dump holds its series open

@@ -103,9 +103,11 @@ class Batch:
                 self.sorter.unstage(item)
                 continue
             dest = str(self.tree.path(decision.rel))
-            entry = Entry(decision.outcome, item.source, item.sop_uid, item.series_uid, item.sha256, dest,
-                          kept=self.copy, out_sha256=None if item.out_sha256 == item.sha256 else item.out_sha256)
             folder = decision.folder.rel
+            item.facts.folder = "/".join(folder)
+            entry = Entry(decision.outcome, item.source, item.sop_uid, item.series_uid, item.sha256, dest,
+                          kept=self.copy, out_sha256=None if item.out_sha256 == item.sha256 else item.out_sha256,
+                          facts=item.facts)
             renames = [
                 Entry(Outcome.RENAMED, str(self.tree.path((*folder, old))), dest=str(self.tree.path((*folder, new))),
                       reason="the series has several echoes")
@@ -199,7 +201,7 @@ class Batch:
                 finished.append(plan.entry)
                 handled.append(Handled(item.source, Outcome(plan.decision.outcome), plan.entry.dest or ""))
                 continue
-            handled.append(Handled(item.source, verdict.outcome, verdict.reason))
+            handled.append(Handled(item.source, verdict.outcome, verdict.reason, item.series_uid))
             if verdict.outcome == Outcome.GONE or plan.stuck:
                 forget.append(plan.entry.id)  # nothing happened to it, or its stuck row tells
             else:

@@ -20,11 +20,13 @@ from dumpwatch.anonymise import Anonymiser, empty_fields, leak
 from dumpwatch.dicomfile import DicomFile, NotRegular, read_dicom
 from dumpwatch.elements import meta_end
 from dumpwatch.errors import Incomplete, Rejected
+from dumpwatch.facts import facts_of, sender_of
 from dumpwatch.fsops import copy_range, set_owner_mode, write_all, write_new
 from dumpwatch.naming import Template, friendly_name, header_text
 from dumpwatch.outcomes import Failed, Outcome, Prepared
 from dumpwatch.reasons import STILL_ARRIVING, os_reason
 from dumpwatch.retry import retry_transient
+from dumpwatch.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Job:
     dry_run: bool
     incomplete_timeout: float
     staging_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the staging folder the sorter proved
+    senders: frozenset[str] | None = None  # allowed_senders: the calling AE titles whose files are sorted
 
     def shown(self, path: str | None) -> str | None:
         """A received file's path as the log shows it: when anonymising, a keyed token (its
@@ -135,12 +138,16 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         # would send an operator looking for a damaged image.
         raise Rejected(f"a DICOMDIR (MediaStorageSOPClassUID {MEDIA_DIRECTORY}): the directory index of a DICOM "
                        "medium, not an image")
+    if job.senders is not None and sender_of(ds) not in job.senders:
+        raise Rejected(f"sender {printable(sender_of(ds)) or '(none named)'} not allowed "
+                       f"(allowed_senders: {', '.join(sorted(job.senders))})")
     sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")
     if not sop_uid:
         raise Rejected("no SOPInstanceUID (0008,0018)")
     series_uid = (header_text(ds, "SeriesInstanceUID") or "").strip(" \0")
     if "InstanceNumber" in job.template.keywords and not _positive(header_text(ds, "InstanceNumber")):
         ds = dicom.full_header()  # the number is nested somewhere (Philips): search all of it
+    facts = facts_of(ds, dicom.st.st_mtime)
     # Anonymise before naming: a path never holds a value that anonymising removed.
     header = None
     if job.anonymiser is not None:
@@ -149,6 +156,10 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         found = job.anonymiser.apply(ds)
         sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")  # the journal never
         series_uid = (header_text(ds, "SeriesInstanceUID") or "").strip(" \0")  # holds the originals
+        counted = facts_of(ds, dicom.st.st_mtime)  # the journal holds the anonymised values;
+        counted.expected, counted.expected_from, counted.per_echo = facts.expected, facts.expected_from, facts.per_echo
+        counted.sender = facts.sender  # the counts came from private data the profile removes
+        facts = counted
         header = _encode_header(dicom)
         leaked = leak(header, found.needles)  # the pixel data is copied as it came
         if leaked:
@@ -158,7 +169,7 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
     name = friendly_name(ds, job.template, job.reserved)
     prepared = Prepared(dicom.path, dicom.sha256, dicom.sha256, dicom.size, dicom.st.st_dev,
                         dicom.st.st_ino, dicom.size, dicom.st.st_mtime_ns, sop_uid, series_uid, name,
-                        dicom.body_size)
+                        dicom.body_size, facts=facts)
     if job.dry_run:
         if header is not None:
             _digest_of(dicom, header, prepared, identity=True)

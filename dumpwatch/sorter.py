@@ -12,6 +12,7 @@ from pathlib import Path
 from dumpwatch.anonymise import Anonymiser
 from dumpwatch.config import Config
 from dumpwatch.durability import SourceSync, signals_deferred
+from dumpwatch.facts import FACT_TAGS
 from dumpwatch.fsops import remove_if_there
 from dumpwatch.journal import Entry, Journal
 from dumpwatch.keys import load_key
@@ -70,7 +71,7 @@ class Sorter:
                                    dir_fd=self.state.fd if self.state.holds(journal_path) else None)
         self.job = Job(
             template=cfg.template,
-            wanted=None if (cfg.anon_fields or anonymiser) else naming_tags(cfg.template),
+            wanted=None if (cfg.anon_fields or anonymiser) else naming_tags(cfg.template) | FACT_TAGS,
             reserved=_reserved_names(cfg),
             anon_fields=cfg.anon_fields,
             anonymiser=anonymiser,
@@ -82,6 +83,7 @@ class Sorter:
             dry_run=dry_run,
             incomplete_timeout=cfg.incomplete_timeout,
             staging_id=staging_id,
+            senders=frozenset(cfg.allowed_senders) if cfg.allowed_senders else None,
         )
         self.quarantine = Quarantine(cfg, self.journal, self.job, copy, dry_run)
 

@@ -29,6 +29,7 @@ from dumpwatch.dicomfile import read_dicom
 from dumpwatch.keys import new_uid
 
 from corpus import make_corpus
+from helpers import assert_series_agree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,6 +163,7 @@ def assert_journal_agrees(out: Path) -> None:
     finally:
         db.close()
     assert all(done for _, _, done in rows), "journal rows still under way"
+    assert_series_agree(out / ".dumpwatch" / "journal.sqlite3")
     sorted_rows = [dest for outcome, dest, _ in rows if outcome == "sorted"]
     assert len(sorted_rows) == len(set(sorted_rows)), "a file journalled as sorted twice"
     on_disk = {str(p) for p in out.rglob("*") if p.is_file() and ".dumpwatch" not in p.relative_to(out).parts}

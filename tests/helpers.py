@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,32 @@ def make_dicom(path: Path, template: Path, **fields: object) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=False)
     return path
+
+
+def assert_series_agree(journal: Path) -> None:
+    """Completion's counts are true to the journal's rows: each series holds as many files
+    as rows journal it sorted, with the same instance numbers, and none completed twice in
+    a row without a late file between (a kill neither loses nor repeats a count)."""
+    from dumpwatch import completeness
+
+    db = sqlite3.connect(journal)
+    try:
+        counted = db.execute("SELECT count(*) FROM outcomes WHERE outcome = 'sorted' AND series_uid != ''"
+                             " AND instance IS NOT NULL").fetchone()[0]
+        assert not counted or db.execute("SELECT count(*) FROM series").fetchone()[0], "no series recorded"
+        for series_id, uid, files, completions, late in db.execute(
+                "SELECT id, series_uid, files, completions, late FROM series"):
+            rows = db.execute("SELECT instance, echo FROM outcomes WHERE series_uid = ? AND outcome = 'sorted'"
+                              " AND done = 1", (uid,)).fetchall()
+            assert files == len(rows), f"series {uid}: {files} files counted, {len(rows)} journalled"
+            numbers: dict[int, set[int]] = {}
+            for instance, echo in rows:
+                if instance is not None:
+                    numbers.setdefault(echo or 0, set()).add(instance)
+            kept = {echo: {n for a, b in completeness.parse(ranges) for n in range(a, b + 1)}
+                    for echo, ranges in db.execute("SELECT echo, ranges FROM numbers WHERE series_id = ?",
+                                                   (series_id,))}
+            assert kept == numbers, f"series {uid}: numbers {kept} counted, {numbers} journalled"
+            assert completions <= 1 + late, f"series {uid} completed {completions} times with {late} late files"
+    finally:
+        db.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIELDMAP, copy_testdata, run_process, tree_of
+from helpers import FIELDMAP, assert_series_agree, copy_testdata, run_process, tree_of
 
 MODES = {
     "move": ([], ""),  # same filesystem: renamed into place
@@ -138,6 +138,7 @@ def assert_clean(base: Path, dump_after: dict) -> None:
     finally:
         db.close()
     assert all(done for _, _, done in rows), "moves still under way"
+    assert_series_agree(out / ".dumpwatch" / "journal.sqlite3")
     sorted_dests = [dest for outcome, dest, _ in rows if outcome == "sorted"]
     assert sorted(sorted_dests) == sorted(str(out / rel) for rel in tree_of(out))
     quarantined = {dest for outcome, dest, _ in rows if outcome == "quarantined"}  # a rerun may add a row
