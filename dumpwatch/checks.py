@@ -1,4 +1,4 @@
-"""The commands that only look: status, config-value, check-rules, check-config, where."""
+"""The commands that only look: status, report, config-value, check-rules, check-config, where."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from dumpwatch.errors import ConfigError
 from dumpwatch.journal import Journal
 from dumpwatch.keys import load_key
 from dumpwatch.options import Options, config_from, config_option
+from dumpwatch.report import ReportError, gather, open_journal, parse_since
+from dumpwatch.report import render as render_report
 from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.sortonce import EXIT_ERROR
 from dumpwatch.status import render, report
@@ -146,3 +148,44 @@ def where(options: Options, term: str, out: Path | None) -> None:
         why = f"  ({row['reason']})" if row["reason"] else ""
         click.echo(f"{row['time']}  {row['outcome']}{state}  {row['source'] or ''}"
                    + (f" -> {target}" if target else "") + why)
+
+
+@click.command("report")
+@config_option
+@click.option("--since", metavar="DATE", help="Only studies with a file since DATE (2026-12-01, '2026-12-01 14:00', "
+              "or an age: 2d, 12h).")
+@click.option("--subject", metavar="TEXT", help="Only studies whose folder holds TEXT (any case).")
+@click.option("--incomplete", is_flag=True, help="Only series that miss images or are not complete yet.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (its shape is in the README).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sorted tree (overrides dir_out).")
+@click.pass_obj
+def report_command(options: Options, since: str | None, subject: str | None, incomplete: bool, as_json: bool,
+                   out: Path | None) -> None:
+    """Did the whole scan arrive? Studies and their series: files, instance numbers, gaps,
+    whether each is whole, and its state (receiving, complete, reopened). Exit status 0.
+
+    \b
+    Example:
+        dumpwatch report --since 2d --incomplete
+    """
+    cfg = config_from(options)
+    if out is not None:
+        cfg = cfg.replace(dir_out=Path(os.path.abspath(out)))
+    try:
+        start = None if since is None else parse_since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    try:
+        db = open_journal(cfg.journal_path)
+        try:
+            studies = gather(db, start, subject, incomplete)
+        finally:
+            db.close()
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"the journal {cfg.journal_path} cannot be read: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"journal": str(cfg.journal_path), "studies": studies}, indent=2))
+    else:
+        click.echo(render_report(studies), nl=False)

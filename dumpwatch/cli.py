@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dumpwatch import __version__
-from dumpwatch.checks import check_config, check_rules, config_value, status_command, where
+from dumpwatch.checks import check_config, check_rules, config_value, report_command, status_command, where
 from dumpwatch.config import Config, check_layout
 from dumpwatch.dumplock import AlreadyServing, read_lock
 from dumpwatch.errors import ConfigError, ServeFailed
@@ -110,6 +110,7 @@ cli.add_command(config_value)
 cli.add_command(check_rules)
 cli.add_command(check_config)
 cli.add_command(where)
+cli.add_command(report_command)
 
 
 @cli.command("sort-once")

@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dumpwatch.completion import Completion
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, read_lock
 from dumpwatch.errors import ConfigError
@@ -135,6 +136,7 @@ class Summary:
     notes: list[str] = field(default_factory=list)  # what a dry run found a real run would meet
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
+    completions: list[Completion] = field(default_factory=list)  # series and studies it completed
 
     def add(self, outcomes: list[Handled]) -> None:
         for outcome in outcomes:
@@ -188,6 +190,19 @@ class Summary:
                          + " or ".join(where))
         return lines
 
+    def _completed(self) -> list[str]:
+        """The series and studies it completed; each series that misses images by name."""
+        series = [c for c in self.completions if c.kind == "series"]
+        if not series:
+            return []
+        studies = len(self.completions) - len(series)
+        lacking = [c for c in series if c.verdict.startswith("missing")]
+        lines = [f"  {'complete':<12}{len(series):>7}  series in {studies} stud{'ies' if studies != 1 else 'y'}"
+                 + (f", {len(lacking)} missing images (dumpwatch report --incomplete)" if lacking else "")]
+        for item in lacking[:_SHOWN]:
+            lines.append(f"    incomplete: {printable(item.folder)}: {item.verdict}")
+        return lines
+
     def render(self, cfg: Config, dry_run: bool) -> str:
         rate = self.total / self.elapsed if self.elapsed > 0 else 0.0
         verb = "would be" if dry_run else "were"
@@ -210,6 +225,7 @@ class Summary:
             lines.append(f"  skipped {printable(folder)}: dumpwatch serve is watching it and sorts it itself")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        lines += self._completed()
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; the files not handled are still in place: "
                          "run it again to finish")
@@ -264,6 +280,12 @@ def sort_dir(
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
         sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
+        if not summary.stopped and sorter.journal is not None:
+            try:
+                # What it sorted is all there is: complete now.
+                summary.completions = sorter.journal.complete_counted(cfg.series_idle, cfg.study_idle)
+            except sqlite3.Error as exc:
+                summary.notes.append(f"the series sorted could not be marked complete: {exc}")
     if dry_run and summary.counts[Outcome.QUARANTINED] and cfg.quarantine_dir is not None:
         try:
             probe_writable(cfg.quarantine_dir, "the quarantine")

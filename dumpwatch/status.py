@@ -12,6 +12,7 @@ from pathlib import Path
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, read_lock
 from dumpwatch.reasons import STILL_ARRIVING, disk_full
+from dumpwatch.report import for_status, status_lines
 from dumpwatch.text import printable
 
 _RECENT = 5  # quarantined files listed with their reasons
@@ -158,6 +159,7 @@ def _from_journal(path: Path | None) -> dict:
                                " AND dest > ? AND dest < ?", (folder + "/", folder + "0")).fetchone()[0]
             series = {"subject": os.path.basename(os.path.dirname(folder)), "series": os.path.basename(folder),
                       "files": files, "last_file_at": last[1]}
+        completions = for_status(db, time.time())
         rebuilt = None
         if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rebuilds'").fetchone():
             row = db.execute("SELECT started, finished, files FROM rebuilds ORDER BY id DESC LIMIT 1").fetchone()
@@ -167,7 +169,7 @@ def _from_journal(path: Path | None) -> dict:
     finally:
         if db is not None:
             db.close()
-    return {"sorted": counts, "last_series": series, "journal": {"rebuilt": rebuilt}}
+    return {"sorted": counts, "last_series": series, "journal": {"rebuilt": rebuilt}, "completion": completions}
 
 
 def _seconds(text: str) -> float:
@@ -232,6 +234,7 @@ def render(data: dict) -> str:
     if series:
         lines.append(f"  last series  {series['subject']}/{series['series']}: {series['files']} files, "
                      f"the last at {series['last_file_at']}")
+    lines += status_lines(data.get("completion") or {})
     quarantine = data["quarantine"]
     lines.append(f"  quarantine   {quarantine['path']}: {quarantine['files']} files")
     for item in quarantine["recent"]:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 GATHER = 0.01  # seconds to gather arriving files into one chunk for a worker
 CHUNK = 32  # files in a chunk at most
 NICE = 19  # serve yields the CPU to storescp, which a scanner is waiting on
+COMPLETION_EVERY = 1.0  # seconds between looks for series and studies that became complete
 
 
 class Done(NamedTuple):
@@ -135,6 +136,8 @@ class Server:
                                  stable_seconds=cfg.stable_seconds, in_hand=cfg.in_hand)
         self.chunks = Chunks(self.workers, self.todo)
         self.retries = Retries(self.lock)
+        self.left_series: dict[str, str] = {}  # files left in the dump -> their series, when known
+        self.next_completion = 0.0
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class Server:
                 self.chunks.add(self.arrivals.take_finished())
                 self.chunks.submit(moment)
                 self._take(self._timeout(next_sweep))
+                self._complete(time.monotonic())
             log.info("stopping: finishing the files in hand")
             self.chunks.pending.clear()
             while self.chunks.running:
@@ -277,6 +281,10 @@ class Server:
         full = ""
         for outcome in outcomes:
             self.arrivals.done(outcome.source)
+            if outcome.outcome == Outcome.LEFT and outcome.series_uid:
+                self.left_series[outcome.source] = outcome.series_uid
+            else:
+                self.left_series.pop(outcome.source, None)
             if outcome.outcome == Outcome.LEFT and disk_full(outcome.detail):
                 full = outcome.detail
         self.retries.record(outcomes, time.monotonic())
@@ -285,6 +293,31 @@ class Server:
             # another disk): no file can be placed until there is room. That is a pause, as
             # when the journal cannot be written, and `status` must say so.
             self.pause.begin(full)
+
+    def _complete(self, moment: float) -> None:
+        """Mark complete the series and studies idle long enough, once a second. While any file
+        is in hand its series is not known yet: none completes. A file left in the dump holds
+        its own series open."""
+        journal = self.sorter.journal
+        if moment < self.next_completion or journal is None or self.pause.until:
+            return
+        self.next_completion = moment + COMPLETION_EVERY
+        busy = (self.arrivals.count() or self.arrivals.backlog or self.chunks.pending or self.chunks.running
+                or self.chunks.orphans)
+        waiting = self.retries.waiting()
+        self.left_series = {p: s for p, s in self.left_series.items() if p in waiting}
+        try:
+            done = journal.complete(self.cfg.series_idle, self.cfg.study_idle,
+                                    None if busy else set(self.left_series.values()))
+        except sqlite3.Error as exc:
+            self.pause.begin(exc)
+            return
+        for item in done:
+            again = " again" if item.again else ""
+            if item.kind == "series":
+                log.info("series complete%s: %s: %d files, %s", again, item.folder, item.files, item.verdict)
+            else:
+                log.info("study complete%s: %s: %d files", again, item.folder, item.files)
 
     def _resume(self) -> bool:
         try:
