@@ -153,6 +153,16 @@ class Arrivals:
         more once half are done. So memory stays flat however far sorting falls behind."""
         return len(self.held) + len(self.changed)
 
+    def unread(self, quiet: float) -> bool:
+        """Whether a file may be arriving whose series is not known yet: one in hand, one let
+        wait for room, or one written in the last `quiet` seconds (by its mtime: a file that
+        has stood still that long, held open by a hung sender, would be late whatever its
+        series, and must not hold every other series open)."""
+        if self.held or self.backlog:
+            return True
+        clock = time.time()
+        return any(signature is None or clock - signature[2] / 1e9 < quiet for _, signature in self.changed.values())
+
     def _room(self) -> int:
         """Files in hand at most for a new arrival: once some wait in the dump, half, so that
         the sweep for those comes (at half) before newer files take their place."""

@@ -35,7 +35,7 @@ def shown(ranges: Iterable[Range]) -> str:
 
 
 def add(ranges: list[Range], number: int) -> tuple[list[Range], bool]:
-    """The ranges with number in them, and whether it was there already."""
+    """The ranges with number in them (changed in place), and whether it was there already."""
     low, high = 0, len(ranges)
     while low < high:  # the first range that ends at number - 1 or later
         middle = (low + high) // 2
@@ -45,7 +45,7 @@ def add(ranges: list[Range], number: int) -> tuple[list[Range], bool]:
             high = middle
     if low < len(ranges) and ranges[low][0] <= number <= ranges[low][1]:
         return ranges, True
-    result = list(ranges)
+    result = ranges
     if low < len(result) and result[low][1] == number - 1:
         result[low] = (result[low][0], number)
         if low + 1 < len(result) and result[low + 1][0] == number + 1:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dumpwatch import completeness
-from dumpwatch.facts import Facts
+from dumpwatch.facts import FRAMES_NOTE, Facts
 from dumpwatch.outcomes import Outcome
 from dumpwatch.text import printable
 
@@ -29,119 +29,153 @@ class Completion:
     verdict: str = ""  # a series' completeness, in words
 
 
-def note(db: sqlite3.Connection, facts: Iterable[tuple[str, Facts]]) -> None:
+def note(db: sqlite3.Connection, facts: Iterable[tuple[str, Facts]], noted: dict[str, tuple]) -> None:
     """Make the series and study rows of files about to be placed (their counts come when
-    they are: tally). The folder and description are the newest file's; once per series
-    and batch."""
+    they are: tally). The folder and description are the newest file's. A few statements a
+    batch, whatever its size, and none for series this process wrote just so before
+    (`noted`, series UID -> what it wrote): this runs under the tree's lock, on every batch."""
     newest: dict[str, Facts] = {}
-    notes: dict[str, list[str]] = {}
     for series_uid, fact in facts:
         if series_uid:
             newest[series_uid] = fact
-            if fact.frames_note:
-                notes.setdefault(series_uid, []).append(fact.frames_note)
-    for series_uid, fact in newest.items():
-        frames_note = "; ".join(notes.get(series_uid, [])) or None
+    for series_uid, fact in list(newest.items()):
+        said = (fact.study_uid, fact.folder, fact.series_number, fact.description, fact.modality, fact.expected,
+                fact.expected_from, fact.per_echo, fact.study_date)
+        if noted.get(series_uid) == said:
+            del newest[series_uid]  # its rows hold this already (rows are never removed)
+        else:
+            noted[series_uid] = said
+    if not newest:
+        return
+    studies = {}
+    for fact in newest.values():
         folder = printable(fact.folder.split("/")[0])
         # A file without a StudyInstanceUID (it happens): its study is its study folder.
-        study_uid = fact.study_uid or f"{NO_STUDY_UID} {folder}"
-        db.execute("INSERT INTO studies (study_uid, folder, study_date) VALUES (?, ?, ?)"
+        studies[fact.study_uid or f"{NO_STUDY_UID} {folder}"] = (folder, printable(fact.study_date))
+    db.executemany("INSERT INTO studies (study_uid, folder, study_date) VALUES (?, ?, ?)"
                    " ON CONFLICT (study_uid) DO UPDATE SET folder = excluded.folder",
-                   (study_uid, folder, printable(fact.study_date)))
-        study_id = db.execute("SELECT id FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()[0]
-        db.execute(
-            "INSERT INTO series (series_uid, study_id, folder, number, description, modality, expected, expected_from,"
-            " per_echo, frames_note) VALUES (?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (series_uid) DO UPDATE SET folder = excluded.folder,"
-            " study_id = COALESCE(series.study_id, excluded.study_id),"
-            " expected = COALESCE(excluded.expected, series.expected),"
-            " expected_from = COALESCE(excluded.expected_from, series.expected_from),"
-            " per_echo = CASE WHEN excluded.expected IS NULL THEN series.per_echo ELSE excluded.per_echo END,"
-            " frames_note = COALESCE(series.frames_note || '; ', '') || excluded.frames_note",
-            (series_uid, study_id, printable(fact.folder), printable(fact.series_number),
-             printable(fact.description), printable(fact.modality), fact.expected, fact.expected_from or None,
-             int(fact.per_echo), frames_note))
+                   [(uid, folder, date) for uid, (folder, date) in studies.items()])
+    ids = dict(db.execute("SELECT study_uid, id FROM studies WHERE study_uid IN (SELECT value FROM json_each(?))",
+                          (json.dumps(list(studies)),)).fetchall())
+    db.executemany(
+        "INSERT INTO series (series_uid, study_id, folder, number, description, modality, expected, expected_from,"
+        " per_echo) VALUES (?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT (series_uid) DO UPDATE SET folder = excluded.folder,"
+        " study_id = COALESCE(series.study_id, excluded.study_id),"
+        " expected = COALESCE(excluded.expected, series.expected),"
+        " expected_from = COALESCE(excluded.expected_from, series.expected_from),"
+        " per_echo = CASE WHEN excluded.expected IS NULL THEN series.per_echo ELSE excluded.per_echo END",
+        [(uid, ids[f.study_uid or f"{NO_STUDY_UID} {printable(f.folder.split('/')[0])}"], printable(f.folder),
+          printable(f.series_number), printable(f.description), printable(f.modality), f.expected,
+          f.expected_from or None, int(f.per_echo)) for uid, f in newest.items()])
 
 
 _ROWS = ("SELECT id, outcome, sop_uid, series_uid, instance, echo, frames, sender, received, frame_sets,"
-         " frames_missing FROM outcomes"
-         " WHERE id IN (SELECT value FROM json_each(?)) AND outcome IN ('sorted', 'duplicate') ORDER BY id")
+         " frames_missing, frames_note FROM outcomes"
+         " WHERE id IN (SELECT id FROM uncounted) AND outcome IN ('sorted', 'duplicate') AND done = 1 ORDER BY id")
 
 
-def tally(db: sqlite3.Connection, ids: list[int], moment: float) -> set[int]:
-    """Count the files of these journal rows, now placed, into their series and studies;
-    returns the ids of the series counted into."""
-    rows = db.execute(_ROWS, (json.dumps(ids),)).fetchall() if ids else []
-    touched: set[int] = set()
+def placed(db: sqlite3.Connection, ids: list[int]) -> None:
+    """Files journalled as placed, in the transaction that says so: counted at the next
+    catch_up. One insert a batch; the counting itself is done for many batches at once."""
+    if ids:
+        db.execute("INSERT OR IGNORE INTO uncounted (id) SELECT value FROM json_each(?)", (json.dumps(ids),))
+
+
+def waiting(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM uncounted LIMIT 1").fetchone() is not None
+
+
+def catch_up(db: sqlite3.Connection, moment: float) -> set[int]:
+    """Count every file placed since the last catch-up into its series and study, in the
+    caller's transaction: a kill before its commit leaves them to count again, never
+    counted twice. Returns the ids of the series counted into."""
+    touched = tally(db, moment)
+    db.execute("DELETE FROM uncounted")
+    return touched
+SENDERS = "\\"  # between a series' senders: the one character an AE title cannot hold
+
+
+def tally(db: sqlite3.Connection, moment: float) -> set[int]:
+    """Count the files of the uncounted rows into their series and studies; returns the
+    ids of the series counted into. A few statements, whatever the number of files."""
+    rows = db.execute(_ROWS).fetchall()
     by_series: dict[str, list[sqlite3.Row]] = {}
     for row in rows:
         if row["series_uid"]:
             by_series.setdefault(row["series_uid"], []).append(row)
-    for series_uid, files in by_series.items():
-        series = db.execute("SELECT id, study_id, state, senders FROM series WHERE series_uid = ?",
-                            (series_uid,)).fetchone()
-        if series is None:
-            continue  # a row from before the journal recorded series (or rebuilt from the tree)
-        touched.add(series["id"])
-        _count(db, series, files, moment)
-    return touched
+    if not by_series:
+        return set()
+    found = db.execute("SELECT id, series_uid, study_id, state, senders, frames_note, numbers FROM series"
+                       " WHERE series_uid IN (SELECT value FROM json_each(?))", (json.dumps(list(by_series)),))
+    series = {row["series_uid"]: row for row in found}  # none: from before the journal recorded series
+    counts: list[dict] = []
+    studies: dict[int, tuple[float, float]] = {}
+    for uid, files in by_series.items():
+        if uid in series:
+            values = _count(series[uid], files, moment)
+            placed = [f for f in files if f["outcome"] == Outcome.SORTED]
+            values["numbers"] = _numbered(db, series[uid]["numbers"], placed) if placed else series[uid]["numbers"]
+            counts.append(values)
+            if values["files"]:
+                first, last = studies.get(values["study"], (values["first"], values["last"]))
+                studies[values["study"]] = (min(first, values["first"]), max(last, values["last"]))
+    db.executemany(
+        "UPDATE series SET files = files + :files, frames = frames + :frames, frame_sets = frame_sets + :sets,"
+        " frames_missing = frames_missing + :missing, resent = resent + :resent, late = late + :late,"
+        " senders = :senders, frames_note = :note, numbers = :numbers,"
+        " first = CASE WHEN :files THEN MIN(COALESCE(first, :first), :first) ELSE first END,"
+        " last = CASE WHEN :files THEN MAX(COALESCE(last, :last), :last) ELSE last END,"
+        " touched = CASE WHEN :files OR state != 'complete' THEN :moment ELSE touched END,"
+        " state = CASE WHEN :files AND state = 'complete' THEN 'reopened' ELSE state END WHERE id = :id",
+        counts)
+    db.executemany(
+        "UPDATE studies SET first = MIN(COALESCE(first, ?), ?), last = MAX(COALESCE(last, ?), ?), touched = ?,"
+        " state = CASE WHEN state = 'complete' THEN 'reopened' ELSE state END WHERE id = ?",
+        [(first, first, last, last, moment, study) for study, (first, last) in studies.items()])
+    return {row["id"] for row in series.values()}
 
 
-def _count(db: sqlite3.Connection, series: sqlite3.Row, files: list[sqlite3.Row], moment: float) -> None:
-    senders = [s for s in (series["senders"] or "").split(",") if s]
-    sorted_files = [f for f in files if f["outcome"] == Outcome.SORTED]
-    resent = len(files) - len(sorted_files)
+def _count(series: sqlite3.Row, files: list[sqlite3.Row], moment: float) -> dict:
+    """One series' UPDATE values for the files of a batch. Identical re-sends alone change
+    nothing but their count: a complete series stays complete."""
+    senders = [s for s in (series["senders"] or "").split(SENDERS) if s]
     for file in files:
         if file["sender"] and file["sender"] not in senders:
             senders.append(file["sender"])
-    received = [f["received"] for f in sorted_files if f["received"] is not None]
-    state = series["state"]
-    if not sorted_files:  # identical re-sends only: nothing new; a complete series stays complete
-        db.execute("UPDATE series SET resent = resent + ?, senders = ?,"
-                   " touched = CASE WHEN state = 'complete' THEN touched ELSE ? END WHERE id = ?",
-                   (resent, ",".join(senders), moment, series["id"]))
-        return
-    first, last = min(received, default=moment), max(received, default=moment)
-    values = {"files": len(sorted_files), "frames": sum(f["frames"] or 1 for f in sorted_files),
-              "sets": sum(f["frame_sets"] or 0 for f in sorted_files), "resent": resent,
-              "missing": sum(f["frames_missing"] or 0 for f in sorted_files), "senders": ",".join(senders),
-              "late": len(sorted_files) if state != RECEIVING else 0, "first": first, "last": last,
-              "moment": moment, "id": series["id"], "study": series["study_id"]}
-    db.execute(
-        "UPDATE series SET files = files + :files, frames = frames + :frames, frame_sets = frame_sets + :sets,"
-        " frames_missing = frames_missing + :missing, resent = resent + :resent, late = late + :late,"
-        " senders = :senders, first = MIN(COALESCE(first, :first), :first), last = MAX(COALESCE(last, :last), :last),"
-        " touched = :moment, state = CASE WHEN state = 'complete' THEN 'reopened' ELSE state END WHERE id = :id",
-        values)
-    db.execute(  # no row when the series has no study UID
-        "UPDATE studies SET first = MIN(COALESCE(first, :first), :first), last = MAX(COALESCE(last, :last), :last),"
-        " touched = :moment, state = CASE WHEN state = 'complete' THEN 'reopened' ELSE state END WHERE id = :study",
-        values)
-    _number(db, series["id"], sorted_files)
+    placed = [f for f in files if f["outcome"] == Outcome.SORTED]
+    received = [f["received"] for f in placed if f["received"] is not None]
+    notes = [series["frames_note"] or ""] + [f["frames_note"] for f in placed if f["frames_note"]]
+    return {"files": len(placed), "frames": sum(f["frames"] or 1 for f in placed),
+            "sets": sum(f["frame_sets"] or 0 for f in placed), "resent": len(files) - len(placed),
+            "missing": sum(f["frames_missing"] or 0 for f in placed), "senders": SENDERS.join(senders),
+            "note": "; ".join(n for n in notes if n)[:FRAMES_NOTE] or None,
+            "late": len(placed) if series["state"] != RECEIVING else 0,
+            "first": min(received, default=moment), "last": max(received, default=moment),
+            "moment": moment, "id": series["id"], "study": series["study_id"]}
 
 
-def _number(db: sqlite3.Connection, series_id: int, files: list[sqlite3.Row]) -> None:
-    """Add the files' instance numbers to their echo's ranges; a number already there is a
-    repeat unless it is the same instance placed again (deleted from the tree and re-sent)."""
-    groups: dict[int, dict] = {}
-    for row in db.execute("SELECT echo, ranges, repeats, unnumbered FROM numbers WHERE series_id = ?", (series_id,)):
-        groups[row["echo"]] = {"ranges": completeness.parse(row["ranges"]),
-                               "repeats": completeness.parse(row["repeats"]), "unnumbered": row["unnumbered"]}
-    changed = set()
+def numbers_of(text: str | None) -> dict[int, completeness.Group]:
+    """A series' numbers column, per echo."""
+    groups = json.loads(text) if text else {}
+    return {int(echo): completeness.Group(int(echo), g["ranges"], g["repeats"], g["unnumbered"])
+            for echo, g in groups.items()}
+
+
+def _numbered(db: sqlite3.Connection, text: str | None, files: list[sqlite3.Row]) -> str:
+    """The numbers column with the files' instance numbers added to their echo's ranges; a
+    number already there is a repeat unless it is the same instance placed again (deleted
+    from the tree and re-sent)."""
+    groups = json.loads(text) if text else {}  # as stored: {"echo": {"ranges": [[a, b], ...], ...}}
     for file in files:
-        echo = file["echo"] or 0
-        group = groups.setdefault(echo, {"ranges": [], "repeats": [], "unnumbered": 0})
-        changed.add(echo)
+        group = groups.setdefault(str(file["echo"] or 0), {"ranges": [], "repeats": [], "unnumbered": 0})
         if file["instance"] is None:
             group["unnumbered"] += 1
             continue
         group["ranges"], there = completeness.add(group["ranges"], file["instance"])
         if there and not _placed_before(db, file):
             group["repeats"], _ = completeness.add(group["repeats"], file["instance"])
-    db.executemany(
-        "INSERT OR REPLACE INTO numbers (series_id, echo, ranges, count, repeats, unnumbered) VALUES (?,?,?,?,?,?)",
-        [(series_id, echo, completeness.text(groups[echo]["ranges"]), completeness.count(groups[echo]["ranges"]),
-          completeness.text(groups[echo]["repeats"]), groups[echo]["unnumbered"]) for echo in changed])
+    return json.dumps(groups, separators=(",", ":"))
 
 
 def _placed_before(db: sqlite3.Connection, file: sqlite3.Row) -> bool:
@@ -149,15 +183,10 @@ def _placed_before(db: sqlite3.Connection, file: sqlite3.Row) -> bool:
                       " LIMIT 1", (file["sop_uid"], file["id"])).fetchone() is not None
 
 
-def groups_of(db: sqlite3.Connection, series_id: int) -> list[completeness.Group]:
-    return [completeness.Group(r["echo"], completeness.parse(r["ranges"]), completeness.parse(r["repeats"]),
-                               r["unnumbered"])
-            for r in db.execute("SELECT * FROM numbers WHERE series_id = ? ORDER BY echo", (series_id,))]
-
-
-def verdict_of(db: sqlite3.Connection, series: sqlite3.Row) -> completeness.Verdict:
+def verdict_of(series: sqlite3.Row) -> completeness.Verdict:
     frames = completeness.Frames(series["frame_sets"], series["frames_missing"], series["frames_note"] or "")
-    return completeness.judge(groups_of(db, series["id"]), series["expected"], bool(series["per_echo"]), frames)
+    groups = sorted(numbers_of(series["numbers"]).values(), key=lambda g: g.echo)
+    return completeness.judge(groups, series["expected"], bool(series["per_echo"]), frames)
 
 
 def due(db: sqlite3.Connection, moment: float, series_idle: float, study_idle: float) -> bool:
@@ -189,7 +218,7 @@ def complete(db: sqlite3.Connection, moment: float, series_idle: float, study_id
             continue
         _mark(db, "series", series, moment)
         done.append(Completion("series", series["id"], series["folder"] or "", series["files"],
-                               series["state"] == REOPENED, verdict_of(db, series).summary()))
+                               series["state"] == REOPENED, verdict_of(series).summary()))
         studies.add(series["study_id"])
     open_studies = db.execute("SELECT * FROM studies WHERE state != 'complete' AND touched <= ?",
                               (moment - study_idle,)).fetchall()

@@ -161,7 +161,7 @@ KEYS: dict[str, Key] = {
                        "and none waits in the dump"),
     "study_idle": Key(_seconds_from(1), "600", "a study is complete once all its series are and nothing of it "
                       "arrived for this long"),
-    "allowed_senders": Key(_senders, "(any)", "calling AE titles whose files are sorted, separated by commas; "
+    "allowed_senders": Key(_senders, "(any)", "calling AE titles whose files serve sorts, separated by commas; "
                            "files from others go to the quarantine", blank_ok=True),
     "anon_profile": Key(_names, "(none)", "rule layers to anonymise with, in order, e.g. basic, retain-uids, site"),
     "rules_dir": Key(str, "the layers shipped with dumpwatch", "where anon_profile finds layers by name", kind="path"),

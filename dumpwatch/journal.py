@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import stat
@@ -27,14 +28,17 @@ def _text(text: str | None) -> str | None:
     return None if text is None else printable(text)
 
 
+_COUNTED = (Outcome.SORTED, Outcome.DUPLICATE)  # the outcomes counted into a series
+
+
 def _facts(entry: Entry) -> tuple:
-    """(study_uid, instance, echo, frames, sender, received, frame_sets, frames_missing) as
-    the journal stores them."""
+    """(study_uid, instance, echo, frames, sender, received, frame_sets, frames_missing,
+    frames_note) as the journal stores them."""
     f = entry.facts
     if f is None:
-        return (None,) * 8
+        return (None,) * 9
     return (f.study_uid or None, f.instance, f.echo, f.frames, printable(f.sender) or None, f.received,
-            f.frame_sets or None, f.frames_missing if f.frame_sets else None)
+            f.frame_sets or None, f.frames_missing if f.frame_sets else None, printable(f.frames_note) or None)
 
 
 FIND_SQL = (
@@ -94,6 +98,8 @@ class Journal:
             os.close(fd)
         self.identity = st.st_dev, st.st_ino  # the file SQLite writes to, whatever its name comes to hold
         self.counted: set[int] = set()  # ids of the series this process counted files into
+        self.holder = -1  # fd of the journal's folder, flocked by hold_completions
+        self.noted: dict[str, tuple] = {}  # what this process last wrote of each series (completion.note)
         self.path = path
         if dir_fd is None:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
@@ -136,6 +142,9 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+        if self.holder >= 0:
+            os.close(self.holder)
+            self.holder = -1
 
     def lost(self) -> str:
         """"was deleted" or "was replaced" if the journal's name no longer leads to the file
@@ -187,7 +196,7 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason, study_uid, instance, echo, frames, sender, received, frame_sets,"
-                " frames_missing) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " frames_missing, frames_note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(first + number, e.time or stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid,
                   e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason), *_facts(e))
                  for number, e in enumerate(entries)],
@@ -196,9 +205,9 @@ class Journal:
                 entry.id = first + number
             self._drop_repeats(db, [e for e in entries if e.outcome == Outcome.LEFT])
             counted = [e for e in entries if e.facts is not None and e.series_uid]
-            completion.note(db, [(e.series_uid or "", e.facts) for e in counted if e.facts is not None])
+            completion.note(db, [(e.series_uid or "", e.facts) for e in counted if e.facts is not None], self.noted)
             if done:
-                self.counted |= completion.tally(db, [e.id for e in counted if e.id is not None], time.time())
+                completion.placed(db, [e.id for e in counted if e.outcome in _COUNTED and e.id is not None])
 
     def finish(self, done: Iterable[Entry], undone: Iterable[Entry] = ()) -> None:
         """Mark moves as over. Entries in `undone` did not happen: their rows become 'left'."""
@@ -218,22 +227,58 @@ class Journal:
                 [(stamp, _text(e.reason), e.id) for e in undone],
             )
             self._drop_repeats(db, undone)
-            self.counted |= completion.tally(db, [e.id for e in done if e.id is not None], time.time())
+            completion.placed(db, [e.id for e in done if e.outcome in _COUNTED and e.id is not None])
+
+    def hold_completions(self) -> None:
+        """While this process lives (sort-once), serve completes nothing: sort-once's files
+        still to come are files serve cannot see. A shared flock on the journal's folder,
+        which a kill -9 releases. Never on the journal file itself: closing any descriptor of
+        it would drop the POSIX locks SQLite holds on it in this process."""
+        if self.holder < 0:
+            self.holder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(self.holder, fcntl.LOCK_SH)
+
+    def completions_held(self) -> bool:
+        """Whether a sort-once holds completions (hold_completions) on this journal now."""
+        try:
+            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False  # the journal's folder is gone: health says so
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def count(self) -> None:
+        """Count the files placed since the last count into their series (completion.catch_up)."""
+        if completion.waiting(self.db):
+            with self._transaction() as db:
+                self.counted |= completion.catch_up(db, time.time())
 
     def complete(self, series_idle: float, study_idle: float, held: set[str] | None) -> list[completion.Completion]:
-        """Mark complete the series and studies idle long enough (completion.complete)."""
+        """Count what was placed, then mark complete the series and studies idle long enough
+        (completion.complete): held None holds them all."""
         moment = time.time()
-        if held is None or not completion.due(self.db, moment, series_idle, study_idle):
+        waiting = completion.waiting(self.db)
+        if not waiting and (held is None or not completion.due(self.db, moment, series_idle, study_idle)):
             return []  # nothing to write: no write transaction
         with self._transaction() as db:
+            self.counted |= completion.catch_up(db, moment)
             return completion.complete(db, moment, series_idle, study_idle, held)
 
-    def complete_counted(self, series_idle: float, study_idle: float) -> list[completion.Completion]:
+    def complete_counted(self, series_idle: float, study_idle: float,
+                         held: set[str] | None = None) -> list[completion.Completion]:
         """Mark complete at once every series this process counted files into, and their
         studies once all their series are (sort-once, as it ends); the others as their idle
         times say (those of a sort-once that was killed, say)."""
         with self._transaction() as db:
-            return completion.complete(db, time.time(), series_idle, study_idle, set(), only=self.counted)
+            moment = time.time()
+            self.counted |= completion.catch_up(db, moment)
+            return completion.complete(db, moment, series_idle, study_idle, held or set(), only=self.counted)
 
     def _source(self, entry: Entry) -> tuple[str | None, str | None]:
         """(source, name) as the journal stores them."""

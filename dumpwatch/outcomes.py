@@ -56,6 +56,7 @@ class Failed:
     reason: str
     sha256: str | None = None
     sop_uid: str | None = None
+    series_uid: str = ""  # when known: a file left in the dump holds its series open
 
 
 @dataclass

@@ -99,7 +99,7 @@ class Batch:
             except OSError as exc:  # its series folder could not be read
                 planned = os.path.join(root, *item.name.folders, item.name.stem)
                 self.failed.append(Failed(item.source, Outcome.LEFT, not_placed(exc, planned, root), item.sha256,
-                                          item.sop_uid))
+                                          item.sop_uid, item.series_uid))
                 self.sorter.unstage(item)
                 continue
             dest = str(self.tree.path(decision.rel))
@@ -201,7 +201,8 @@ class Batch:
                 finished.append(plan.entry)
                 handled.append(Handled(item.source, Outcome(plan.decision.outcome), plan.entry.dest or ""))
                 continue
-            handled.append(Handled(item.source, verdict.outcome, verdict.reason, item.series_uid))
+            # A file whose twin is in the tree and only cannot be removed holds no series open.
+            handled.append(Handled(item.source, verdict.outcome, verdict.reason, "" if plan.stuck else item.series_uid))
             if verdict.outcome == Outcome.GONE or plan.stuck:
                 forget.append(plan.entry.id)  # nothing happened to it, or its stuck row tells
             else:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from dumpwatch import completeness, completion, schema
 from dumpwatch.text import printable
@@ -26,7 +27,7 @@ def parse_since(text: str, moment: float | None = None) -> float:
     """A date or time (local), YYYY-MM-DD[ HH:MM[:SS]], or an age: 2d, 12h, 30m."""
     text = text.strip()
     found = _RELATIVE.fullmatch(text)
-    if found:
+    if found and len(found.group(1)) <= 6:
         unit = {"d": 86400, "h": 3600, "m": 60}[found.group(2)]
         return (time.time() if moment is None else moment) - int(found.group(1)) * unit
     try:
@@ -41,7 +42,7 @@ def open_journal(path: Path | None) -> sqlite3.Connection:
     if path is None or not path.exists():
         raise ReportError(f"no journal at {path}" if path else "no journal: set dir_out or journal")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
         db.row_factory = sqlite3.Row
         current = schema.version(db)
     except sqlite3.Error as exc:
@@ -56,18 +57,21 @@ def open_journal(path: Path | None) -> sqlite3.Connection:
 def iso(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):  # a time no calendar holds: shown as it is
+        return str(seconds)
 
 
 def _series(db: sqlite3.Connection, row: sqlite3.Row) -> dict:
-    verdict = completion.verdict_of(db, row)
+    verdict = completion.verdict_of(row)
     numbers = verdict.numbers
     low = min((r[0][0] for r in numbers.values() if r), default=None)
     high = max((r[-1][1] for r in numbers.values() if r), default=None)
     return {
         "series_uid": row["series_uid"], "folder": row["folder"], "number": row["number"],
         "description": row["description"], "modality": row["modality"],
-        "senders": [s for s in (row["senders"] or "").split(",") if s],
+        "senders": [s for s in (row["senders"] or "").split(completion.SENDERS) if s],
         "files": row["files"], "frames": row["frames"], "frame_sets": row["frame_sets"],
         "frames_missing": row["frames_missing"], "resent": row["resent"], "late": row["late"],
         "first": iso(row["first"]), "last": iso(row["last"]), "state": row["state"],
@@ -112,7 +116,10 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
 def _local(stamp: str | None) -> str:
     if not stamp:
         return "-"
-    return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return stamp
 
 
 def _instances(series: dict) -> str:

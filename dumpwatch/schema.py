@@ -54,6 +54,7 @@ ALTER TABLE outcomes ADD COLUMN sender TEXT;       -- the calling AE title (file
 ALTER TABLE outcomes ADD COLUMN received REAL;     -- when the file was written into the dump
 ALTER TABLE outcomes ADD COLUMN frame_sets INTEGER;     -- an enhanced multi-frame file's frame sets, checked
 ALTER TABLE outcomes ADD COLUMN frames_missing INTEGER; -- positions its frame sets lack
+ALTER TABLE outcomes ADD COLUMN frames_note TEXT;       -- which, in words
 CREATE TABLE studies (
     id INTEGER PRIMARY KEY,
     study_uid TEXT NOT NULL UNIQUE,
@@ -72,7 +73,7 @@ CREATE TABLE series (
     study_id INTEGER REFERENCES studies(id),
     folder TEXT,               -- its folder in the tree, relative to dir_out
     number TEXT, description TEXT, modality TEXT,
-    senders TEXT,              -- calling AE titles, in the order they first sent a file of it
+    senders TEXT,              -- calling AE titles, in the order they first sent a file of it, between backslashes
     expected INTEGER, expected_from TEXT, per_echo INTEGER NOT NULL DEFAULT 0,
     files INTEGER NOT NULL DEFAULT 0,     -- sorted files
     frames INTEGER NOT NULL DEFAULT 0,
@@ -81,6 +82,8 @@ CREATE TABLE series (
     frames_note TEXT,                           -- which, in words
     resent INTEGER NOT NULL DEFAULT 0,    -- identical re-sends (duplicates): nothing new
     late INTEGER NOT NULL DEFAULT 0,      -- files sorted after it was complete
+    numbers TEXT,  -- instance numbers of its sorted files, per echo (0: none), as JSON ranges:
+                   -- {"1": {"ranges": [[1, 36]], "repeats": [], "unnumbered": 0}, ...}
     first REAL, last REAL, touched REAL,
     state TEXT NOT NULL DEFAULT 'receiving',
     completed REAL, completions INTEGER NOT NULL DEFAULT 0
@@ -88,15 +91,9 @@ CREATE TABLE series (
 CREATE INDEX series_open ON series(state) WHERE state != 'complete';
 CREATE INDEX series_study ON series(study_id);
 CREATE INDEX series_last ON series(last);
-CREATE TABLE numbers (        -- the instance numbers of a series' sorted files, per echo
-    series_id INTEGER NOT NULL,
-    echo INTEGER NOT NULL,    -- 0: no EchoNumbers
-    ranges TEXT NOT NULL,     -- e.g. 1-6,8-36
-    count INTEGER NOT NULL,   -- distinct numbers
-    repeats TEXT NOT NULL DEFAULT '',  -- numbers that more than one instance carries, as ranges
-    unnumbered INTEGER NOT NULL DEFAULT 0,  -- files without an InstanceNumber
-    PRIMARY KEY (series_id, echo)
-) WITHOUT ROWID;
+CREATE TABLE uncounted (      -- placed files not yet counted into their series (completion.catch_up)
+    id INTEGER PRIMARY KEY     -- outcomes(id)
+);
 CREATE TABLE completions (    -- each time a series or study became complete: what hooks act on
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,

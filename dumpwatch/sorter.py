@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,7 +38,9 @@ class Sorter:
     recover() settles at the next start.
     """
 
-    def __init__(self, cfg: Config, *, copy: bool = False, dry_run: bool = False):
+    def __init__(self, cfg: Config, *, copy: bool = False, dry_run: bool = False, receiving: bool = False):
+        """receiving: serve, sorting what storescp received: allowed_senders applies (sort-once
+        sorts what a person hands it: exports and copies carry no calling AE title)."""
         if cfg.dir_out is None:
             raise ValueError("dir_out is not set")
         self.cfg, self.copy, self.dry_run = cfg, copy, dry_run
@@ -83,7 +86,7 @@ class Sorter:
             dry_run=dry_run,
             incomplete_timeout=cfg.incomplete_timeout,
             staging_id=staging_id,
-            senders=frozenset(cfg.allowed_senders) if cfg.allowed_senders else None,
+            senders=frozenset(cfg.allowed_senders) if cfg.allowed_senders and receiving else None,
         )
         self.quarantine = Quarantine(cfg, self.journal, self.job, copy, dry_run)
 
@@ -94,6 +97,10 @@ class Sorter:
             os.close(self.staging_fd)
             self.staging_fd = -1
         if self.journal is not None:
+            try:
+                self.journal.count()  # what was placed since the last count, into its series
+            except sqlite3.Error as exc:
+                log.warning("the files placed last are not counted into their series yet: %s", exc)
             self.journal.close()
             self.journal = None
         self.state.close()
@@ -132,7 +139,7 @@ class Sorter:
                     handled.append(self.quarantine.put(item))
                 elif item.action == Outcome.LEFT:
                     left.append(Entry(Outcome.LEFT, item.source, item.sop_uid, sha256=item.sha256, reason=item.reason))
-                    handled.append(Handled(item.source, Outcome.LEFT, item.reason))
+                    handled.append(Handled(item.source, Outcome.LEFT, item.reason, item.series_uid))
                     log.warning("left %s in place: %s", self.job.shown(item.source), item.reason)
                 else:
                     handled.append(Handled(item.source, Outcome.GONE, item.reason))

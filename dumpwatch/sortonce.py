@@ -137,10 +137,13 @@ class Summary:
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
     completions: list[Completion] = field(default_factory=list)  # series and studies it completed
+    left_series: list[Handled] = field(default_factory=list)  # files left whose series is known
 
     def add(self, outcomes: list[Handled]) -> None:
         for outcome in outcomes:
             self.counts[outcome.outcome] += 1
+            if outcome.outcome == Outcome.LEFT and outcome.series_uid and len(self.left_series) < 10_000:
+                self.left_series.append(outcome)
             if outcome.outcome not in (Outcome.QUARANTINED, Outcome.LEFT):
                 continue
             if len(self.problems) < _SHOWN:
@@ -253,6 +256,8 @@ def sort_dir(
         skip: set = {i for i in (folder_id(cfg.dir_out), quarantine) if i is not None}
         skip |= {os.path.abspath(p) for p in (cfg.dir_out, cfg.quarantine_dir) if p is not None}
         sorter.recover()
+        if sorter.journal is not None:
+            sorter.journal.hold_completions()  # a serve into this tree completes nothing meanwhile
         total = sum(1 for _ in walk(root, skip, [], quarantine, ordered=False))
         if count_first:
             count_first(total)
@@ -280,10 +285,13 @@ def sort_dir(
                 summary.stopped = f"the journal cannot be written ({exc})"
                 log.error("the journal %s cannot be written: %s", cfg.journal_path, exc)
         sorter.tidy()  # the workers are gone now: so are the copies of a run killed before
-        if not summary.stopped and sorter.journal is not None:
+        if not summary.stopped and sorter.journal is not None and cfg.dir_dump and read_lock(cfg.dir_dump):
+            summary.notes.append("dumpwatch serve runs: it completes the series sorted here once they are idle")
+        elif not summary.stopped and sorter.journal is not None:
             try:
                 # What it sorted is all there is: complete now.
-                summary.completions = sorter.journal.complete_counted(cfg.series_idle, cfg.study_idle)
+                held = {o.series_uid for o in summary.left_series}  # a file left holds its series
+                summary.completions = sorter.journal.complete_counted(cfg.series_idle, cfg.study_idle, held)
             except sqlite3.Error as exc:
                 summary.notes.append(f"the series sorted could not be marked complete: {exc}")
     if dry_run and summary.counts[Outcome.QUARANTINED] and cfg.quarantine_dir is not None:

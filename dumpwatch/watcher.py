@@ -28,7 +28,7 @@ from dumpwatch.dumplock import DumpLock
 from dumpwatch.errors import ServeFailed
 from dumpwatch.fsops import identity
 from dumpwatch.outcomes import Handled, Outcome
-from dumpwatch.reasons import disk_full
+from dumpwatch.reasons import STILL_ARRIVING, disk_full
 from dumpwatch.retries import Pause, Retries
 from dumpwatch.sorter import Sorter
 from dumpwatch.workers import Workers
@@ -117,7 +117,7 @@ class Server:
         os.nice(NICE)
         self.pause = Pause(self.lock, cfg.journal_path)
         try:
-            self.sorter = Sorter(cfg)
+            self.sorter = Sorter(cfg, receiving=True)
             self.sorter.watch_device(self.dump)
             try:
                 self.sorter.recover()
@@ -137,6 +137,7 @@ class Server:
         self.chunks = Chunks(self.workers, self.todo)
         self.retries = Retries(self.lock)
         self.left_series: dict[str, str] = {}  # files left in the dump -> their series, when known
+        self.arriving: set[str] = set()  # files left in the dump as still arriving: series not known
         self.next_completion = 0.0
 
     # -- the loop ------------------------------------------------------------------------
@@ -281,10 +282,12 @@ class Server:
         full = ""
         for outcome in outcomes:
             self.arrivals.done(outcome.source)
+            self.left_series.pop(outcome.source, None)
+            self.arriving.discard(outcome.source)
             if outcome.outcome == Outcome.LEFT and outcome.series_uid:
                 self.left_series[outcome.source] = outcome.series_uid
-            else:
-                self.left_series.pop(outcome.source, None)
+            elif outcome.outcome == Outcome.LEFT and outcome.detail.startswith(STILL_ARRIVING):
+                self.arriving.add(outcome.source)  # short: read again soon, its series not known yet
             if outcome.outcome == Outcome.LEFT and disk_full(outcome.detail):
                 full = outcome.detail
         self.retries.record(outcomes, time.monotonic())
@@ -302,13 +305,15 @@ class Server:
         if moment < self.next_completion or journal is None or self.pause.until:
             return
         self.next_completion = moment + COMPLETION_EVERY
-        busy = (self.arrivals.count() or self.arrivals.backlog or self.chunks.pending or self.chunks.running
-                or self.chunks.orphans)
         waiting = self.retries.waiting()
         self.left_series = {p: s for p, s in self.left_series.items() if p in waiting}
+        self.arriving &= waiting
+        busy = (self.arrivals.unread(self.cfg.series_idle) or self.chunks.pending or self.chunks.running
+                or self.chunks.orphans or self.arriving)
         try:
+            hold = busy or journal.completions_held()  # a sort-once into this tree: its files are not seen here
             done = journal.complete(self.cfg.series_idle, self.cfg.study_idle,
-                                    None if busy else set(self.left_series.values()))
+                                    None if hold else set(self.left_series.values()))
         except sqlite3.Error as exc:
             self.pause.begin(exc)
             return

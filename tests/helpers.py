@@ -111,7 +111,7 @@ def assert_series_agree(journal: Path) -> None:
     """Completion's counts are true to the journal's rows: each series holds as many files
     as rows journal it sorted, with the same instance numbers, and none completed twice in
     a row without a late file between (a kill neither loses nor repeats a count)."""
-    from dumpwatch import completeness
+    from dumpwatch.completion import numbers_of
 
     db = sqlite3.connect(journal)
     try:
@@ -121,15 +121,15 @@ def assert_series_agree(journal: Path) -> None:
         for series_id, uid, files, completions, late in db.execute(
                 "SELECT id, series_uid, files, completions, late FROM series"):
             rows = db.execute("SELECT instance, echo FROM outcomes WHERE series_uid = ? AND outcome = 'sorted'"
-                              " AND done = 1", (uid,)).fetchall()
+                              " AND done = 1 AND id NOT IN (SELECT id FROM uncounted)", (uid,)).fetchall()
             assert files == len(rows), f"series {uid}: {files} files counted, {len(rows)} journalled"
             numbers: dict[int, set[int]] = {}
             for instance, echo in rows:
                 if instance is not None:
                     numbers.setdefault(echo or 0, set()).add(instance)
-            kept = {echo: {n for a, b in completeness.parse(ranges) for n in range(a, b + 1)}
-                    for echo, ranges in db.execute("SELECT echo, ranges FROM numbers WHERE series_id = ?",
-                                                   (series_id,))}
+            text = db.execute("SELECT numbers FROM series WHERE id = ?", (series_id,)).fetchone()[0]
+            kept = {echo: {n for a, b in group.ranges for n in range(a, b + 1)}
+                    for echo, group in numbers_of(text).items() if group.ranges}
             assert kept == numbers, f"series {uid}: numbers {kept} counted, {numbers} journalled"
             assert completions <= 1 + late, f"series {uid} completed {completions} times with {late} late files"
     finally:

@@ -4,6 +4,7 @@ facts the workers read from real scanner files (facts.py)."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,35 @@ def test_files_without_an_instance_number_count_but_name_no_gap():
     short = c.judge([c.Group(0, [], unnumbered=10)], 12, False)
     assert short.verdict == c.INCOMPLETE and short.missing_count == 2 and short.missing == {}
     assert c.judge([c.Group(0, [], unnumbered=3)], None, False).verdict == c.NO_EXPECTATION
+
+
+def test_a_protocol_number_with_a_leading_zero_is_read_as_decimal(template_file, tmp_path):
+    ds = dcmread(template_file)
+    csa = ds[0x00291020].value
+    ds[0x00291020].value = re.sub(rb"(sSliceArray\.lSize\s*=\s*)36", rb"\g<1>08", csa)
+    ds.save_as(tmp_path / "odd.dcm")
+    assert facts(tmp_path / "odd.dcm").expected == 8
+
+
+def test_a_frame_sequence_no_reader_can_parse_leaves_no_expectation_and_no_error(testdata):
+    """A file the walk proved whole, whose per-frame sequence pydicom cannot parse: sorted
+    all the same, frames counted, frame sets not checked."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    dicom = read_dicom(str(testdata / "enhanced" / "siemens_xa10" / "6_1.dcm"), WANTED)
+    try:
+        tag = BaseTag(0x52009230)  # PerFrameFunctionalGroupsSequence
+        dicom.ds._dict[tag] = RawDataElement(tag, "SQ", 0xFFFFFFFF, b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+                                             b"\x20\x00\x11\x91Q?\x00\x00" + b"\x00" * 8, 0, False, True)
+        damaged = facts_of(dicom.ds, 0)
+    finally:
+        dicom.close()
+    assert damaged.frames == 6 and damaged.frame_sets == 0 and damaged.expected is None
+
+
+def test_times_no_calendar_holds_are_shown_as_they_are():
+    from dumpwatch.report import iso, parse_since
+    assert iso(1e13) == "10000000000000.0" and iso(0) == "1970-01-01T00:00:00+00:00"
+    with pytest.raises(ValueError):
+        parse_since("1" + "0" * 400 + "d")

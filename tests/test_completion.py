@@ -72,18 +72,14 @@ def uid_of(files: list[Path]) -> str:
 
 
 @pytest.fixture
-def idle_site(tmp_path):
+def site(tmp_path):
+    """conftest's site, with idle times of seconds (the receiver fixture starts it)."""
     return write_config(tmp_path / "site", **IDLE)
 
 
 @pytest.fixture
-def running(idle_site):
-    scp = Storescp(idle_site)
-    serve = Serve(idle_site)
-    yield idle_site, serve
-    code = serve.stop()
-    scp.stop()
-    assert code == 0, serve.output()
+def running(receiver, site):
+    return site, receiver[1]
 
 
 def port_of(site: Path) -> int:
@@ -283,3 +279,14 @@ def test_report_filters(running, template_file, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(site), "report", "--since", "soon"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_sort_once_sorts_whatever_the_sender(tmp_path, template_file):
+    """allowed_senders is serve's: sort-once sorts what a person hands it (a CD's export
+    names no calling AE title)."""
+    site = write_config(tmp_path / "site", allowed_senders="PRISMA")
+    dump = tmp_path / "export"
+    ge_series(template_file, dump, 2)  # their file meta names MRC35131
+    out = subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(site), "sort-once", str(dump)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "sorted            2" in out.stdout, out.stdout + out.stderr

@@ -69,3 +69,19 @@ def test_a_file_left_again_for_the_same_reason_keeps_one_row(tmp_path):
                         ("/dump/MR.2", "Permission denied")]
     finally:
         journal.close()
+
+
+def test_a_sort_once_holds_serves_completions_while_it_lives(tmp_path):
+    from dumpwatch.journal import Journal
+
+    serve, sort_once = Journal(tmp_path / "journal.sqlite3"), Journal(tmp_path / "journal.sqlite3")
+    try:
+        assert not serve.completions_held()
+        sort_once.hold_completions()
+        assert serve.completions_held()
+    finally:
+        sort_once.close()
+    try:
+        assert not serve.completions_held()
+    finally:
+        serve.close()

@@ -105,7 +105,7 @@ def test_a_kill_during_a_migration_leaves_the_version_before(released):
     done = subprocess.run([sys.executable, "-c", KILLED, str(released)], cwd=REPO)
     assert done.returncode == -9
     assert rows(released, "PRAGMA user_version") == [(1,)]
-    assert rows(released, "SELECT name FROM sqlite_master WHERE name IN ('series', 'numbers')") == []
+    assert rows(released, "SELECT name FROM sqlite_master WHERE name IN ('series', 'studies')") == []
     journal = Journal(released)
     try:
         assert journal.migrated == [2]
