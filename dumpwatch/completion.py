@@ -72,7 +72,9 @@ def note(db: sqlite3.Connection, facts: Iterable[tuple[str, Facts]], noted: dict
 
 _ROWS = ("SELECT id, outcome, sop_uid, series_uid, instance, echo, frames, sender, received, frame_sets,"
          " frames_missing, frames_note FROM outcomes"
-         " WHERE id IN (SELECT id FROM uncounted) AND outcome IN ('sorted', 'duplicate') AND done = 1 ORDER BY id")
+         " WHERE id IN (SELECT id FROM uncounted WHERE id > ? ORDER BY id LIMIT ?)"
+         " AND outcome IN ('sorted', 'duplicate') AND done = 1 ORDER BY id")
+CATCH_UP = 20_000  # rows counted at a time: memory stays flat however many wait
 
 
 def placed(db: sqlite3.Connection, ids: list[int]) -> None:
@@ -90,16 +92,25 @@ def catch_up(db: sqlite3.Connection, moment: float) -> set[int]:
     """Count every file placed since the last catch-up into its series and study, in the
     caller's transaction: a kill before its commit leaves them to count again, never
     counted twice. Returns the ids of the series counted into."""
-    touched = tally(db, moment)
+    touched: set[int] = set()
+    after = 0
+    while True:
+        last = db.execute("SELECT MAX(id) FROM (SELECT id FROM uncounted WHERE id > ? ORDER BY id LIMIT ?)",
+                          (after, CATCH_UP)).fetchone()[0]
+        if last is None:
+            break
+        touched |= tally(db, moment, after, CATCH_UP)
+        after = last
     db.execute("DELETE FROM uncounted")
     return touched
 SENDERS = "\\"  # between a series' senders: the one character an AE title cannot hold
 
 
-def tally(db: sqlite3.Connection, moment: float) -> set[int]:
-    """Count the files of the uncounted rows into their series and studies; returns the
-    ids of the series counted into. A few statements, whatever the number of files."""
-    rows = db.execute(_ROWS).fetchall()
+def tally(db: sqlite3.Connection, moment: float, after: int, limit: int) -> set[int]:
+    """Count the files of `limit` uncounted rows from id `after` on into their series and
+    studies; returns the ids of the series counted into. A few statements, whatever the
+    number of files."""
+    rows = db.execute(_ROWS, (after, limit)).fetchall()
     by_series: dict[str, list[sqlite3.Row]] = {}
     for row in rows:
         if row["series_uid"]:

@@ -235,6 +235,9 @@ class Summary:
         return "\n".join(lines)
 
 
+COUNT_EVERY = 10.0  # seconds between counts of the files placed into their series
+
+
 def sort_dir(
     root: Path,
     cfg: Config,
@@ -268,8 +271,12 @@ def sort_dir(
         with Workers(sorter.job, workers, always_pool=True, state=None if dry_run else cfg.state_dir) as pool:
             try:
                 listing = walk(root, skip, summary.unreadable, quarantine, summary.served)
+                counted = time.monotonic()
                 for results in pool.run(chunked(listing, size)):
                     outcomes = sorter.handle(results)  # a whole batch, or none of it
+                    if sorter.journal is not None and time.monotonic() - counted > COUNT_EVERY:
+                        sorter.journal.count()  # into their series, many batches at once
+                        counted = time.monotonic()
                     summary.add(outcomes)
                     if on_outcome:
                         for outcome in outcomes:

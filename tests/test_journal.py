@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from dumpwatch.journal import FIND_SQL, Entry, Journal
 
 
@@ -85,3 +87,28 @@ def test_a_sort_once_holds_serves_completions_while_it_lives(tmp_path):
         assert not serve.completions_held()
     finally:
         serve.close()
+
+
+def test_counting_many_files_a_part_at_a_time_counts_each_once(tmp_path, testdata, monkeypatch):
+    from dcmtk import write_config
+
+    from dumpwatch import completion
+    from dumpwatch.config import read_config
+    from dumpwatch.sortonce import sort_dir
+
+    from helpers import assert_series_agree, copy_testdata
+
+    monkeypatch.setattr(completion, "CATCH_UP", 7)  # 59 files: nine parts, one transaction
+    copy_testdata(testdata, tmp_path / "dump", "siemens_fieldmap")
+    copy_testdata(testdata, tmp_path / "dump" / "more", "philips")
+    site = write_config(tmp_path / "site")
+    summary = sort_dir(tmp_path / "dump", read_config(site))
+    assert summary.counts["sorted"] == 50 and len(summary.completions) == 5  # 3 series, 2 studies
+    journal = tmp_path / "site" / "sorted" / ".dumpwatch" / "journal.sqlite3"
+    assert_series_agree(journal)
+    db = sqlite3.connect(journal)
+    try:
+        assert db.execute("SELECT SUM(files) FROM series").fetchone()[0] == 50
+        assert db.execute("SELECT count(*) FROM uncounted").fetchone()[0] == 0
+    finally:
+        db.close()
