@@ -14,21 +14,6 @@ NO_EXPECTATION = "no expectation"
 GAPS_SHOWN = 50  # ranges listed at most; the count says the rest
 
 
-def parse(text: str) -> list[Range]:
-    """'1-6,8,10-12' -> [(1, 6), (8, 8), (10, 12)]"""
-    ranges: list[Range] = []
-    for part in text.split(","):
-        if part:
-            first, _, last = part.partition("~")
-            ranges.append((int(first), int(last or first)))
-    return ranges
-
-
-def text(ranges: Iterable[Range]) -> str:
-    """As ranges are stored: '~' between first and last (numbers may be negative)."""
-    return ",".join(str(a) if a == b else f"{a}~{b}" for a, b in ranges)
-
-
 def shown(ranges: Iterable[Range]) -> str:
     """As a person reads them: 7, 12-14."""
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
