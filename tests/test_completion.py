@@ -4,6 +4,7 @@ receives from the real storescu, `dumpwatch serve` sorts, `dumpwatch report` tel
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -290,3 +291,29 @@ def test_sort_once_sorts_whatever_the_sender(tmp_path, template_file):
     out = subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(site), "sort-once", str(dump)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "sorted            2" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_file_a_hung_sender_holds_open_does_not_hold_every_series(tmp_path, template_file):
+    """A half-written file that stood still for longer than series_idle, still open in its
+    writer (an association that hung): its series is not known, but it would come late
+    whatever it is. Other series complete; the file waits, as any open file does."""
+    site = write_config(tmp_path / "site", **IDLE)
+    dump = tmp_path / "site" / "dump"
+    dump.mkdir(parents=True)
+    partial = dump / "MR.hung"
+    partial.write_bytes(template_file.read_bytes()[:2000])
+    old = time.time() - 30
+    os.utime(partial, (old, old))
+    held = open(partial, "ab")  # this process holds it open, as storescp's child would
+    scp = Storescp(site)
+    serve = Serve(site)
+    try:
+        files = ge_series(template_file, tmp_path / "a", 3)
+        storescu(port_of(site), files, tmp_path)
+        series = complete(site, uid_of(files))
+        assert series["files"] == 3 and series["verdict"] == "whole"
+        assert partial.exists()  # still waiting in the dump: open in its writer
+    finally:
+        held.close()
+        assert serve.stop() == 0
+        scp.stop()
