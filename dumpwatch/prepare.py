@@ -138,8 +138,9 @@ def _prepare_read(dicom: DicomFile, job: Job) -> Prepared:
         # would send an operator looking for a damaged image.
         raise Rejected(f"a DICOMDIR (MediaStorageSOPClassUID {MEDIA_DIRECTORY}): the directory index of a DICOM "
                        "medium, not an image")
-    if job.senders is not None and sender_of(ds) not in job.senders:
-        raise Rejected(f"sender {printable(sender_of(ds)) or '(none named)'} not allowed "
+    sender = sender_of(ds) if job.senders is not None else ""
+    if job.senders is not None and sender not in job.senders:
+        raise Rejected(f"sender {printable(sender) or '(none named)'} not allowed "
                        f"(allowed_senders: {', '.join(sorted(job.senders))})")
     sop_uid = (header_text(ds, "SOPInstanceUID") or "").strip(" \0")
     if not sop_uid:

@@ -63,7 +63,7 @@ def iso(seconds: float | None) -> str | None:
         return str(seconds)
 
 
-def _series(db: sqlite3.Connection, row: sqlite3.Row) -> dict:
+def _series(row: sqlite3.Row) -> dict:
     verdict = completion.verdict_of(row)
     numbers = verdict.numbers
     low = min((r[0][0] for r in numbers.values() if r), default=None)
@@ -99,7 +99,7 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
         values.append(subject)
     studies = []
     for study in db.execute(f"SELECT * FROM studies WHERE {' AND '.join(where)} ORDER BY last DESC, id DESC", values):
-        series = [_series(db, row) for row in db.execute(
+        series = [_series(row) for row in db.execute(
             "SELECT * FROM series WHERE study_id = ? AND files > 0 ORDER BY first, id", (study["id"],))]
         if incomplete:
             series = [s for s in series if s["verdict"] == completeness.INCOMPLETE or s["state"] != completion.COMPLETE]
@@ -166,8 +166,8 @@ def for_status(db: sqlite3.Connection, moment: float) -> dict:
         return {"last_complete": None, "incomplete": []}
     db.row_factory = sqlite3.Row
     row = db.execute("SELECT * FROM series WHERE state = 'complete' ORDER BY completed DESC LIMIT 1").fetchone()
-    last = _brief(_series(db, row)) if row is not None else None
-    recent = [_series(db, r) for r in db.execute(
+    last = _brief(_series(row)) if row is not None else None
+    recent = [_series(r) for r in db.execute(
         "SELECT * FROM series WHERE last >= ? AND files > 0 ORDER BY first, id", (moment - 86400,))]
     incomplete = [_brief(s) for s in recent
                   if s["verdict"] == completeness.INCOMPLETE or s["state"] != completion.COMPLETE]

@@ -137,13 +137,13 @@ class Summary:
     elapsed: float = 0.0
     stopped: str = ""  # why the run ended before every file was handled
     completions: list[Completion] = field(default_factory=list)  # series and studies it completed
-    left_series: list[Handled] = field(default_factory=list)  # files left whose series is known
+    left_series: set[str] = field(default_factory=set)  # series of the files left in place
 
     def add(self, outcomes: list[Handled]) -> None:
         for outcome in outcomes:
             self.counts[outcome.outcome] += 1
-            if outcome.outcome == Outcome.LEFT and outcome.series_uid and len(self.left_series) < 10_000:
-                self.left_series.append(outcome)
+            if outcome.outcome == Outcome.LEFT and outcome.series_uid:
+                self.left_series.add(outcome.series_uid)
             if outcome.outcome not in (Outcome.QUARANTINED, Outcome.LEFT):
                 continue
             if len(self.problems) < _SHOWN:
@@ -297,7 +297,7 @@ def sort_dir(
         elif not summary.stopped and sorter.journal is not None:
             try:
                 # What it sorted is all there is: complete now.
-                held = {o.series_uid for o in summary.left_series}  # a file left holds its series
+                held = summary.left_series  # a file left holds its series
                 summary.completions = sorter.journal.complete_counted(cfg.series_idle, cfg.study_idle, held)
             except sqlite3.Error as exc:
                 summary.notes.append(f"the series sorted could not be marked complete: {exc}")
