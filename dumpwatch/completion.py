@@ -27,6 +27,8 @@ class Completion:
     files: int
     again: bool  # it had been complete before
     verdict: str = ""  # a series' completeness, in words
+    whole: str = ""  # a series' verdict: completeness.WHOLE, INCOMPLETE or NO_EXPECTATION
+    row: int = 0  # its row in completions
 
 
 def note(db: sqlite3.Connection, facts: Iterable[tuple[str, Facts]], noted: dict[str, tuple]) -> None:
@@ -227,9 +229,10 @@ def complete(db: sqlite3.Connection, moment: float, series_idle: float, study_id
     for series in candidates:
         if series is None or series["series_uid"] in held:
             continue
-        _mark(db, "series", series, moment)
+        row = _mark(db, "series", series, moment)
+        verdict = verdict_of(series)
         done.append(Completion("series", series["id"], series["folder"] or "", series["files"],
-                               series["state"] == REOPENED, verdict_of(series).summary()))
+                               series["state"] == REOPENED, verdict.summary(), verdict.verdict, row))
         studies.add(series["study_id"])
     open_studies = db.execute("SELECT * FROM studies WHERE state != 'complete' AND touched <= ?",
                               (moment - study_idle,)).fetchall()
@@ -245,17 +248,20 @@ def complete(db: sqlite3.Connection, moment: float, series_idle: float, study_id
         files = db.execute("SELECT COALESCE(SUM(files), 0) FROM series WHERE study_id = ?",
                            (study["id"],)).fetchone()[0]
         if unfinished is None and files:
-            _mark(db, "study", study, moment)
-            done.append(Completion("study", study["id"], study["folder"] or "", files, study["state"] == REOPENED))
+            row = _mark(db, "study", study, moment)
+            done.append(Completion("study", study["id"], study["folder"] or "", files, study["state"] == REOPENED,
+                                   row=row))
     return done
 
 
-def _mark(db: sqlite3.Connection, kind: str, row: sqlite3.Row, moment: float) -> None:
+def _mark(db: sqlite3.Connection, kind: str, row: sqlite3.Row, moment: float) -> int:
+    """Mark it complete; returns its row in completions."""
     table = "series" if kind == "series" else "studies"
     db.execute(f"UPDATE {table} SET state = 'complete', completed = ?, completions = completions + 1 WHERE id = ?",
                (moment, row["id"]))
     files = row["files"] if kind == "series" else db.execute(
         "SELECT COALESCE(SUM(files), 0) FROM series WHERE study_id = ?", (row["id"],)).fetchone()[0]
-    db.execute("INSERT INTO completions (time, kind, series_id, study_id, again, files) VALUES (?,?,?,?,?,?)",
-               (moment, kind, row["id"] if kind == "series" else None,
-                row["study_id"] if kind == "series" else row["id"], int(row["state"] == REOPENED), files))
+    cursor = db.execute("INSERT INTO completions (time, kind, series_id, study_id, again, files) VALUES (?,?,?,?,?,?)",
+                        (moment, kind, row["id"] if kind == "series" else None,
+                         row["study_id"] if kind == "series" else row["id"], int(row["state"] == REOPENED), files))
+    return cursor.lastrowid or 0

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -101,13 +101,17 @@ class Journal:
         self.holder = -1  # fd of the journal's folder, flocked by hold_completions
         self.noted: dict[str, tuple] = {}  # what this process last wrote of each series (completion.note)
         self.path = path
+        # What serve does once a series or study is complete (actions.queue): called in the
+        # transaction that records the completions, with (db, completions, moment).
+        self.after_completion: Callable[[sqlite3.Connection, list[completion.Completion], float], None] | None = None
         if dir_fd is None:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+            self.uri = f"file:{quote(str(path))}?mode=rw"
         else:
             # SQLite opens by path. This one reaches the proven folder whatever its name now;
             # mode=rw: SQLite never creates a file, only opens the one made above.
-            uri = f"file:{quote(fd_path(dir_fd, path.parent))}/{quote(path.name)}?mode=rw"
-            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
+            self.uri = f"file:{quote(fd_path(dir_fd, path.parent))}/{quote(path.name)}?mode=rw"
+        self.db = self.connect() if dir_fd is not None else sqlite3.connect(
+            path, isolation_level=None, timeout=60, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         try:
             # WAL with synchronous=NORMAL: a commit survives a crash of dumpwatch (kill -9) and a
@@ -122,6 +126,12 @@ class Journal:
             raise
         if dir_fd is not None:
             self._check_opened(path, dir_fd, st)
+
+    def connect(self) -> sqlite3.Connection:
+        """Another connection to this journal, for a thread of its own (actions.Actions)."""
+        db = sqlite3.connect(self.uri, uri=True, isolation_level=None, timeout=60, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        return db
 
     def _check_opened(self, path: Path, dir_fd: int, made: os.stat_result) -> None:
         """SQLite turns the path into the folder's name once, and opens its -wal and -shm
@@ -268,7 +278,10 @@ class Journal:
             return []  # nothing to write: no write transaction
         with self._transaction() as db:
             self.counted |= completion.catch_up(db, moment)
-            return completion.complete(db, moment, series_idle, study_idle, held)
+            done = completion.complete(db, moment, series_idle, study_idle, held)
+            if done and self.after_completion is not None:
+                self.after_completion(db, done, moment)
+            return done
 
     def complete_counted(self, series_idle: float, study_idle: float,
                          held: set[str] | None = None) -> list[completion.Completion]:
@@ -278,7 +291,10 @@ class Journal:
         with self._transaction() as db:
             moment = time.time()
             self.counted |= completion.catch_up(db, moment)
-            return completion.complete(db, moment, series_idle, study_idle, held or set(), only=self.counted)
+            done = completion.complete(db, moment, series_idle, study_idle, held or set(), only=self.counted)
+            if done and self.after_completion is not None:
+                self.after_completion(db, done, moment)
+            return done
 
     def _source(self, entry: Entry) -> tuple[str | None, str | None]:
         """(source, name) as the journal stores them."""

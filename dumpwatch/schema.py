@@ -1,7 +1,8 @@
 """The journal's schema, versioned with PRAGMA user_version, and the migrations between versions.
 
 Version 1 is the journal as dumpwatch wrote it before it was versioned (user_version 0 with
-its tables there); version 2 records what completion and completeness need. A journal opens
+its tables there); version 2 records what completion and completeness need; version 3 the
+hook runs and notices that follow a completion. A journal opens
 at any older version and is migrated in place, each step in one transaction: a kill -9
 half-way leaves it at the version before. A journal from a newer dumpwatch is refused.
 """
@@ -105,7 +106,47 @@ CREATE TABLE completions (    -- each time a series or study became complete: wh
 CREATE INDEX completions_time ON completions(time);
 """
 
-LATEST = 2
+# Version 3: what serve does once a scan is complete: hook runs and notices, queued in the
+# transaction that records the completion, so that none is lost or done twice by a kill -9.
+_V3 = """
+CREATE TABLE hook_runs (
+    id INTEGER PRIMARY KEY,
+    completion_id INTEGER NOT NULL,  -- completions(id): what it acts on
+    hook TEXT NOT NULL,              -- on_series_complete or on_study_complete
+    series_id INTEGER, study_id INTEGER,
+    state TEXT NOT NULL,             -- waiting, running, ok, failed, skipped, interrupted
+    reason TEXT,                     -- why it was skipped or failed, in words
+    argv TEXT,                       -- JSON: the arguments it ran with
+    queued REAL NOT NULL, started REAL, ended REAL,
+    exit INTEGER,                    -- exit status; negative: the signal that ended it
+    tries INTEGER NOT NULL DEFAULT 0,     -- runs of it (retries after a failure count)
+    restarts INTEGER NOT NULL DEFAULT 0,  -- times a serve that was killed left it unfinished
+    pid INTEGER, pid_start INTEGER,  -- its process (a session of its own) and that process's start time
+    output TEXT                      -- the last lines it printed
+);
+CREATE INDEX hook_runs_open ON hook_runs(state) WHERE state IN ('waiting', 'running');
+CREATE INDEX hook_runs_series ON hook_runs(series_id);
+CREATE INDEX hook_runs_study ON hook_runs(study_id);
+CREATE INDEX hook_runs_ended ON hook_runs(ended);
+CREATE TABLE notices (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,             -- study_complete, quarantine, unhealthy, healthy
+    channel TEXT NOT NULL,           -- email or webhook
+    subject TEXT NOT NULL,           -- one line
+    body TEXT NOT NULL,              -- JSON: what the message says
+    state TEXT NOT NULL DEFAULT 'waiting',  -- waiting, sent, failed (given up)
+    tries INTEGER NOT NULL DEFAULT 0, next_try REAL, sent REAL, error TEXT
+);
+CREATE INDEX notices_open ON notices(state, next_try) WHERE state = 'waiting';
+CREATE TABLE marks (               -- where notices stand: the last quarantined row told of, the last health
+    name TEXT PRIMARY KEY,
+    value TEXT
+);
+INSERT INTO marks (name, value) SELECT 'quarantine', COALESCE(MAX(id), 0) FROM outcomes;
+"""
+
+LATEST = 3
 
 
 def _script(script: str) -> Callable[[sqlite3.Connection], None]:
@@ -123,7 +164,7 @@ def _script(script: str) -> Callable[[sqlite3.Connection], None]:
 
 
 # MIGRATIONS[n] takes a journal from version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _script(_V1), 1: _script(_V2)}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _script(_V1), 1: _script(_V2), 2: _script(_V3)}
 
 
 class NewerJournal(ConfigError):

@@ -43,13 +43,17 @@ def test_a_journal_from_the_release_before_is_migrated_in_place(released):
     assert rows(released, "PRAGMA user_version") == [(0,)] and len(before) == 66
     journal = Journal(released)
     try:
-        assert journal.migrated == [1, 2]
+        assert journal.migrated == [1, 2, 3]
         assert len(journal.find("junk.txt")) == 1  # the old rows answer as before
     finally:
         journal.close()
     assert rows(released, "PRAGMA user_version") == [(schema.LATEST,)]
     assert rows(released, f"SELECT {V1_COLUMNS} FROM outcomes ORDER BY id") == before
     assert rows(released, "SELECT count(*) FROM outcomes WHERE instance IS NOT NULL") == [(0,)]
+    # Files quarantined before the upgrade were told of by the old way (status, the log): the
+    # first quarantine notice starts after them.
+    assert rows(released, "SELECT CAST(value AS INTEGER) FROM marks WHERE name = 'quarantine'") == \
+        rows(released, "SELECT MAX(id) FROM outcomes") == [(66,)]
     again = Journal(released)
     try:
         assert again.migrated == []
@@ -108,7 +112,7 @@ def test_a_kill_during_a_migration_leaves_the_version_before(released):
     assert rows(released, "SELECT name FROM sqlite_master WHERE name IN ('series', 'studies')") == []
     journal = Journal(released)
     try:
-        assert journal.migrated == [2]
+        assert journal.migrated == [2, 3]
     finally:
         journal.close()
     assert rows(released, "SELECT count(*) FROM outcomes") == [(66,)]
@@ -117,7 +121,7 @@ def test_a_kill_during_a_migration_leaves_the_version_before(released):
 def test_a_new_journal_starts_at_the_latest_version(tmp_path):
     journal = Journal(tmp_path / "new.sqlite3")
     try:
-        assert journal.migrated == [1, 2]
+        assert journal.migrated == [1, 2, 3]
     finally:
         journal.close()
     assert rows(tmp_path / "new.sqlite3", "PRAGMA user_version") == [(schema.LATEST,)]
