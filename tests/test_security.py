@@ -308,7 +308,12 @@ def test_the_source_scan_finds_what_it_looks_for():
 # `status` asks storescp for a C-ECHO with echoscu (fixed words and configured values:
 # test_status_runs_echoscu_alone_as_an_argument_list); `send` runs storescu with absolute
 # file paths and a profile of UIDs it has checked (test_send_runs_storescu_alone_as_an_argument_list).
-_ALLOWED = {"status.py": {"imports ['subprocess']"}, "send.py": {"imports ['subprocess']"}}
+# hooks.py runs the program the site configured (on_series_complete, on_study_complete) with
+# the argument list its template makes: one Popen, never a shell
+# (test_hooks_run_the_configured_program_alone_as_an_argument_list; the values' inertness is
+# tested end to end in test_hooks.py).
+_ALLOWED = {"status.py": {"imports ['subprocess']"}, "send.py": {"imports ['subprocess']"},
+            "hooks.py": {"imports ['subprocess']"}}
 
 
 def test_no_shell_or_program_is_run_anywhere_in_the_package():
@@ -317,6 +322,21 @@ def test_no_shell_or_program_is_run_anywhere_in_the_package():
     found = [hit for path in files for hit in shell_uses(path.read_text(), path.name)
              if hit.split(": ", 1)[1] not in _ALLOWED.get(path.name, set())]
     assert found == [], "dumpwatch must never run a shell or a program: " + "; ".join(found)
+
+
+def test_hooks_run_the_configured_program_alone_as_an_argument_list():
+    tree = ast.parse((PACKAGE / "hooks.py").read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"]
+    assert [call.func.attr for call in calls] == ["Popen"]
+    [popen] = calls
+    assert [k.arg for k in popen.keywords if k.arg in ("shell", "executable")] == []
+    assert isinstance(popen.args[0], ast.Name) and popen.args[0].id == "argv"
+    run = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "run")
+    assert run.args.args[0].arg == "argv" and ast.unparse(run.args.args[0].annotation) == "list[str]"
+    # serve's one caller passes what Template.fill made, with the program found on PATH as its first word.
+    actions = (PACKAGE / "actions.py").read_text()
+    assert actions.count("hooks.run(") == 1 and "argv = template.fill(values)" in actions
 
 
 def test_status_runs_echoscu_alone_as_an_argument_list():
