@@ -7,14 +7,18 @@ import difflib
 import grp
 import os
 import re
+import socket
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import keyword_dict
 
-from dumpwatch.configkeys import KEYS, LEGACY_UNUSED, STATE_DIR
+from dumpwatch.configkeys import KEYS, LEGACY_UNUSED, NOTIFY_EVENTS, STATE_DIR
 from dumpwatch.errors import ConfigError, ConfigErrors
+from dumpwatch.hooks import OUTPUT_FIELDS
+from dumpwatch.hooks import Template as HookTemplate
 from dumpwatch.keys import load_subjects
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.rules import RULES_DIR, Profile, find_layer, load_profile
@@ -55,6 +59,28 @@ class Config:
     anon_key: Path | None = None
     anon_subjects: Path | None = None
     anon_burned_in: str = "quarantine"
+    on_series_complete: HookTemplate | None = None
+    on_study_complete: HookTemplate | None = None
+    hook_when: str = "whole"
+    hook_output_dir: Path | None = None
+    hook_workers: int = 1
+    hook_timeout: float = 3600.0
+    hook_retries: int = 1
+    hook_retry_wait: float = 30.0
+    hook_rerun: bool = True
+    notify_email: tuple[str, ...] = ()
+    notify_from: str = ""
+    smtp_host: str = "localhost"
+    smtp_port: int | None = None
+    smtp_security: str = "starttls"
+    smtp_user: str | None = None
+    smtp_password_file: Path | None = None
+    smtp_ca_file: Path | None = None
+    notify_webhook: str | None = None
+    notify_on: tuple[str, ...] = NOTIFY_EVENTS
+    notify_interval: float = 300.0
+    notify_identifiers: bool = False
+    health_interval: float = 30.0
     profile: Profile | None = None  # anon_profile's layers, compiled
     subjects: dict[str, str] | None = None  # anon_subjects, read
     anon_fields: tuple[int, ...] = ()
@@ -91,6 +117,15 @@ class Config:
         return None if self.state_dir is None else self.state_dir / "anon.key"
 
     @property
+    def hooks(self) -> bool:
+        return self.on_series_complete is not None or self.on_study_complete is not None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Where notices go: email, webhook, both or neither."""
+        return (("email",) if self.notify_email else ()) + (("webhook",) if self.notify_webhook else ())
+
+    @property
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
@@ -118,8 +153,16 @@ class Config:
                 shown = f"{self.worker_count}" + ("" if self.workers else " (auto)")
             elif key == "group":
                 shown = "(unchanged)" if value is None else _group_name(value)
-            elif key == "template":
+            elif key == "template" or (value is not None and KEYS[key].kind == "hook"):
                 shown = value.text
+            elif isinstance(value, bool):
+                shown = "yes" if value else "no"
+            elif isinstance(value, tuple):
+                shown = ", ".join(value) or "(none)"
+            elif key == "smtp_port" and value is None:
+                shown = str(smtp_port(self))
+            elif key == "notify_from" and not value:
+                shown = notify_from(self)
             elif value is None:
                 shown = "(none)"
             else:
@@ -139,6 +182,16 @@ class Config:
                 "it works, but a dump beside dir_out keeps the sorted tree tidy"
             )
         return notes
+
+
+def smtp_port(cfg: Config) -> int:
+    if cfg.smtp_port is not None:
+        return cfg.smtp_port
+    return {"tls": 465, "none": 25}.get(cfg.smtp_security, 587)
+
+
+def notify_from(cfg: Config) -> str:
+    return cfg.notify_from or f"dumpwatch@{socket.getfqdn()}"
 
 
 def _group_name(gid: int) -> str:
@@ -232,6 +285,7 @@ def read_config(path: Path) -> Config:
         check_layout(cfg)  # on the keys that were read well
     except ConfigError as exc:
         errors.append(exc)
+    errors += _after_the_scan(cfg, reading.seen)
     if len(errors) == 1:
         raise errors[0]
     if errors:
@@ -326,6 +380,31 @@ class _Reading:
             parsed = self.base / Path(os.path.expanduser(str(parsed)))
             parsed = Path(os.path.normpath(parsed))
         self.values[key] = parsed
+
+
+def _after_the_scan(cfg: Config, seen: dict[str, int]) -> list[ConfigError]:
+    """Mistakes between the hook and notice keys, each named by its line."""
+    errors = []
+    where = cfg.path
+    if cfg.hook_output_dir is not None:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(str(cfg.hook_output_dir)) if name is not None}
+            unknown = sorted(n for n in names if n not in OUTPUT_FIELDS)
+            if unknown:
+                known = ", ".join("{" + f + "}" for f in OUTPUT_FIELDS)
+                raise ValueError(f"unknown placeholder {{{unknown[0]}}} (known here: {known})")
+        except ValueError as exc:
+            errors.append(ConfigError(str(exc), where, seen.get("hook_output_dir"), "hook_output_dir"))
+    uses_output = any(t is not None and "output_dir" in t.names() for t in (cfg.on_series_complete,
+                                                                           cfg.on_study_complete))
+    if uses_output and cfg.hook_output_dir is None:
+        line = seen.get("on_series_complete") or seen.get("on_study_complete")
+        errors.append(ConfigError("{output_dir} needs hook_output_dir (the folder it names, e.g. "
+                                  "/data/nifti/{subject})", where, line, "hook_output_dir"))
+    if cfg.smtp_user and cfg.smtp_password_file is None:
+        errors.append(ConfigError("a login needs smtp_password_file (the file holding its password)", where,
+                                  seen.get("smtp_user"), "smtp_password_file"))
+    return errors
 
 
 def _parse_tag(text: str) -> int | None:

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dumpwatch.hooks import FIELDS, SERIES, STUDY
+from dumpwatch.hooks import Template as HookTemplate
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 
 STATE_DIR = ".dumpwatch"  # inside dir_out: journal, lock and staging area
@@ -116,12 +118,65 @@ def _workers(text: str) -> int:
     return _int_in(1, 64)(text)
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"one of {', '.join(choices)}: {text!r}")
+        return text.lower()
+
+    return parse
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"yes or no: {text!r}")
+
+
+def _hook(kind: str) -> Callable[[str], HookTemplate]:
+    def parse(text: str) -> HookTemplate:
+        return HookTemplate.parse(text, FIELDS[kind])
+
+    return parse
+
+
+def _emails(text: str) -> tuple[str, ...]:
+    addresses = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    for address in addresses:
+        if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", address):
+            raise ValueError(f"not an e-mail address such as physics@example.org: {address!r}")
+    return addresses
+
+
+def _address(text: str) -> str:
+    return _emails(text)[0] if _emails(text) else text
+
+
+def _url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s]+", text):
+        raise ValueError(f"an http:// or https:// address: {text!r}")
+    return text
+
+
+NOTIFY_EVENTS = ("study_complete", "quarantine", "health")
+
+
+def _events(text: str) -> tuple[str, ...]:
+    events = tuple(dict.fromkeys(e.strip().lower() for e in text.split(",") if e.strip()))
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise ValueError(f"unknown event {event!r} (known: {', '.join(NOTIFY_EVENTS)})")
+    return events
+
+
 @dataclass(frozen=True)
 class Key:
     parse: Callable[[str], object]
     default: str  # as written in the README
     help: str
-    kind: str = "value"  # "value", "path" or "template"
+    kind: str = "value"  # "value", "path", "template" or "hook"
     blank_ok: bool = False
 
 
@@ -170,4 +225,40 @@ KEYS: dict[str, Key] = {
     "anon_subjects": Key(str, "(none: pseudonyms from the key)", "CSV of PatientID or PatientName -> subject code",
                          kind="path", blank_ok=True),
     "anon_burned_in": Key(_burned_in, "quarantine", "files whose BurnedInAnnotation is YES: quarantine or allow"),
+    # After the scan: hooks (hooks.py) and notices (notify.py), run by serve (actions.py).
+    "on_series_complete": Key(_hook(SERIES), "(none)", "program and arguments run for each complete series, e.g. "
+                              "dcm2niix -z y -o {output_dir} {series_dir}; never through a shell", kind="hook",
+                              blank_ok=True),
+    "on_study_complete": Key(_hook(STUDY), "(none)", "program and arguments run for each complete study, e.g. "
+                             "heudiconv or dcm2bids on {study_dir}", kind="hook", blank_ok=True),
+    "hook_when": Key(_choice("whole", "always"), "whole", "whole: run only when no image is known to be missing "
+                     "(the converter's exit status cannot tell); always: run for every completion"),
+    "hook_output_dir": Key(str, "(none)", "a folder made before each hook runs, given as {output_dir}; may hold "
+                           "{subject}, {study_date}, ...", kind="path", blank_ok=True),
+    "hook_workers": Key(_int_in(1, 16), "1", "hooks running at once at most"),
+    "hook_timeout": Key(_seconds_from(1), "3600", "seconds a hook may run before its whole process group is killed"),
+    "hook_retries": Key(_int_in(0, 10), "1", "times a failed hook is run again"),
+    "hook_retry_wait": Key(_seconds_from(0), "30", "seconds before the first retry (doubling after each)"),
+    "hook_rerun": Key(_yes_no, "yes", "run a series' or study's hook again when a late file reopened it and it "
+                      "completed again"),
+    "notify_email": Key(_emails, "(none)", "addresses told of complete studies, quarantined files and health, "
+                        "separated by commas", blank_ok=True),
+    "notify_from": Key(_address, "dumpwatch@<this host>", "the sender address of notices"),
+    "smtp_host": Key(str, "localhost", "the mail server notices go through"),
+    "smtp_port": Key(_int_in(1, 65535), "587 (465 with smtp_security = tls, 25 with none)", "its port",
+                     blank_ok=True),
+    "smtp_security": Key(_choice("starttls", "tls", "none"), "starttls",
+                         "starttls, tls (SMTPS), or none (a relay on this machine only)"),
+    "smtp_user": Key(str, "(none: no login)", "the login for the mail server", blank_ok=True),
+    "smtp_password_file": Key(str, "(none)", "a file (mode 0600) holding the mail server's password", kind="path",
+                              blank_ok=True),
+    "smtp_ca_file": Key(str, "(the system's)", "certificates the mail server's is checked against", kind="path",
+                        blank_ok=True),
+    "notify_webhook": Key(_url, "(none)", "an address each notice is POSTed to as JSON (Slack, Mattermost, Teams, "
+                          "a site's own)", blank_ok=True),
+    "notify_on": Key(_events, ", ".join(NOTIFY_EVENTS), "what notices are sent for: " + ", ".join(NOTIFY_EVENTS)),
+    "notify_interval": Key(_seconds_from(1), "300", "seconds between notices of quarantined files at most (they "
+                           "come in one message)"),
+    "notify_identifiers": Key(_yes_no, "no", "name the study's folder (often the patient's name) in notices"),
+    "health_interval": Key(_seconds_from(1), "30", "seconds between serve's checks of health, for notices"),
 }
