@@ -121,9 +121,10 @@ cli.add_command(report_command)
               help="Quarantine folder (overrides dir_quarantine).")
 @click.option("--copy", is_flag=True, help="Copy files, leaving the sources in place (for archives).")
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
+@click.option("--no-hooks", is_flag=True, help="Queue no hook runs for the series and studies it completes.")
 @click.pass_obj
 def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path | None,
-              copy: bool, dry_run: bool) -> None:
+              copy: bool, dry_run: bool, no_hooks: bool) -> None:
     """Sort every file below FOLDER (an old dump, an archive), then exit.
 
     Symlinks are never followed. Exit status: 0 when every file was sorted or was an
@@ -141,7 +142,7 @@ def sort_once(options: Options, folder: Path, out: Path | None, quarantine: Path
     explain = _explainer(folder, out_dir)
     try:
         summary = sort_dir(folder, cfg, copy=copy, dry_run=dry_run, count_first=bar.start, progress=bar.advance,
-                           on_outcome=explain if dry_run else None)
+                           on_outcome=explain if dry_run else None, hooks=not no_hooks)
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
     except sqlite3.Error as exc:

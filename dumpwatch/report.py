@@ -99,7 +99,8 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
         values.append(subject)
     studies = []
     for study in db.execute(f"SELECT * FROM studies WHERE {' AND '.join(where)} ORDER BY last DESC, id DESC", values):
-        series = [_series(row) for row in db.execute(
+        runs = _hook_runs(db, study["id"])
+        series = [{**_series(row), "hook": runs.get(row["id"])} for row in db.execute(
             "SELECT * FROM series WHERE study_id = ? AND files > 0 ORDER BY first, id", (study["id"],))]
         if incomplete:
             series = [s for s in series if s["verdict"] == completeness.INCOMPLETE or s["state"] != completion.COMPLETE]
@@ -109,8 +110,38 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
             "study_uid": study["study_uid"], "folder": study["folder"], "study_date": study["study_date"],
             "state": study["state"], "first": iso(study["first"]), "last": iso(study["last"]),
             "completed": iso(study["completed"]), "files": sum(s["files"] for s in series),
-            "senders": list(dict.fromkeys(x for s in series for x in s["senders"])), "series": series})
+            "senders": list(dict.fromkeys(x for s in series for x in s["senders"])), "hook": runs.get(None),
+            "series": series})
     return studies
+
+
+def _hook_runs(db: sqlite3.Connection, study_id: int) -> dict[int | None, dict]:
+    """The last hook run of each series of a study (by series id), and of the study (None)."""
+    runs: dict[int | None, dict] = {}
+    for row in db.execute("SELECT * FROM hook_runs WHERE study_id = ? ORDER BY id", (study_id,)):
+        runs[row["series_id"]] = hook_run(row)
+    return runs
+
+
+def hook_run(row: sqlite3.Row) -> dict:
+    ended, started = row["ended"], row["started"]
+    return {"hook": row["hook"], "state": row["state"], "reason": row["reason"], "exit": row["exit"],
+            "tries": row["tries"], "restarts": row["restarts"], "queued": iso(row["queued"]),
+            "started": iso(started), "ended": iso(ended),
+            "seconds": round(ended - started, 3) if ended is not None and started is not None else None,
+            "output": row["output"]}
+
+
+def hook_shown(run: dict | None) -> str:
+    """A hook run in a few words, for report and status."""
+    if run is None:
+        return ""
+    state = run["state"]
+    if state == "ok":
+        return f"hook ok in {run['seconds']:.1f} s" if run["seconds"] is not None else "hook ok"
+    if state in ("failed", "interrupted", "skipped") and run["reason"]:
+        return f"hook {state}: {run['reason']}"
+    return f"hook {state}"
 
 
 def _local(stamp: str | None) -> str:
@@ -137,7 +168,8 @@ def render(studies: Iterable[dict]) -> str:
         senders = ", ".join(study["senders"]) or "sender not recorded"
         lines.append(f"{printable(study['folder'] or '(no folder)')}  {study['state']}  {len(study['series'])} series,"
                      f" {study['files']} files  from {printable(senders)}  {_local(study['first'])} .. "
-                     f"{_local(study['last'])[11:]}")
+                     f"{_local(study['last'])[11:]}" + (f"  ({printable(hook_shown(study['hook']))})"
+                                                        if study.get("hook") else ""))
         for s in study["series"]:
             name = printable((s["folder"] or "").rsplit("/", 1)[-1] or s["description"] or s["series_uid"])
             extra = []
@@ -147,6 +179,8 @@ def render(studies: Iterable[dict]) -> str:
                 extra.append(f"{s['late']} late")
             if s["resent"]:
                 extra.append(f"{s['resent']} re-sent")
+            if s.get("hook"):
+                extra.append(printable(hook_shown(s["hook"])))
             if any(s["repeats"].values()):
                 extra.append("repeated numbers " + "; ".join(
                     completeness.shown(tuple(r) for r in m) for m in s["repeats"].values()))
@@ -171,7 +205,29 @@ def for_status(db: sqlite3.Connection, moment: float) -> dict:
         "SELECT * FROM series WHERE last >= ? AND files > 0 ORDER BY first, id", (moment - 86400,))]
     incomplete = [_brief(s) for s in recent
                   if s["verdict"] == completeness.INCOMPLETE or s["state"] != completion.COMPLETE]
-    return {"last_complete": last, "incomplete": incomplete}
+    return {"last_complete": last, "incomplete": incomplete, **_after(db, moment)}
+
+
+def _after(db: sqlite3.Connection, moment: float) -> dict:
+    """Hook runs of the last day by state, the failures among them, and notices not sent."""
+    if schema.version(db) < 3:
+        return {}
+    states = dict(db.execute("SELECT state, count(*) FROM hook_runs WHERE queued >= ? GROUP BY state",
+                             (moment - 86400,)).fetchall())
+    failed = []
+    for row in db.execute("SELECT hook_runs.*, COALESCE(series.folder, studies.folder) AS folder FROM hook_runs"
+                          " LEFT JOIN series ON series.id = hook_runs.series_id"
+                          " LEFT JOIN studies ON studies.id = hook_runs.study_id"
+                          " WHERE hook_runs.state IN ('failed', 'interrupted') AND hook_runs.queued >= ?"
+                          " ORDER BY hook_runs.id DESC LIMIT 5", (moment - 86400,)):
+        failed.append({"folder": row["folder"], **hook_run(row)})
+    notices = dict(db.execute("SELECT state, count(*) FROM notices WHERE state != 'sent' OR sent >= ?"
+                              " GROUP BY state", (moment - 86400,)).fetchall())
+    error = db.execute("SELECT error FROM notices WHERE state != 'sent' AND error IS NOT NULL ORDER BY id DESC"
+                       " LIMIT 1").fetchone()
+    return {"hooks": {"last_day": states, "failed": failed},
+            "notices": {"waiting": notices.get("waiting", 0), "failed": notices.get("failed", 0),
+                        "sent_last_day": notices.get("sent", 0), "last_error": error[0] if error else None}}
 
 
 def _brief(series: dict) -> dict:
@@ -192,4 +248,19 @@ def status_lines(data: dict) -> list[str]:
     if len(incomplete) > STATUS_SHOWN:
         lines.append(f"               ... and {len(incomplete) - STATUS_SHOWN} more: dumpwatch report --incomplete "
                      "--since 1d")
+    hooks = data.get("hooks")
+    if hooks and hooks["last_day"]:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(hooks["last_day"].items()))
+        lines.append(f"  hooks        in the last day: {counts}")
+        for run in hooks["failed"]:
+            where, why = printable(run["folder"] or ""), printable(run["reason"] or "")
+            lines.append(f"               {run['state']}: {where}: {why}")
+    notices = data.get("notices")
+    if notices and (notices["waiting"] or notices["failed"] or notices["sent_last_day"]):
+        line = f"  notices      {notices['sent_last_day']} sent in the last day"
+        if notices["waiting"] or notices["failed"]:
+            line += f", {notices['waiting']} waiting, {notices['failed']} given up"
+        if notices["last_error"] and (notices["waiting"] or notices["failed"]):
+            line += f" (last error: {printable(notices['last_error'])})"
+        lines.append(line)
     return lines

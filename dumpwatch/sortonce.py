@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -14,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dumpwatch.actions import queue_after
 from dumpwatch.completion import Completion
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, read_lock
@@ -247,6 +249,7 @@ def sort_dir(
     on_outcome: Callable[[Handled], None] | None = None,
     progress: Callable[[int], None] | None = None,
     count_first: Callable[[int], None] | None = None,
+    hooks: bool = True,
 ) -> Summary:
     """Sort every file below root into cfg.dir_out. Never follows a symlink. A dry run first
     checks that a real one could write the tree (ConfigError if not)."""
@@ -261,6 +264,9 @@ def sort_dir(
         sorter.recover()
         if sorter.journal is not None:
             sorter.journal.hold_completions()  # a serve into this tree completes nothing meanwhile
+            if hooks and cfg.hooks:
+                # Queued with the completions, for serve to run (no notices: a backfill is not news).
+                sorter.journal.after_completion = functools.partial(queue_after, cfg, notices=False)
         total = sum(1 for _ in walk(root, skip, [], quarantine, ordered=False))
         if count_first:
             count_first(total)
@@ -299,6 +305,9 @@ def sort_dir(
                 # What it sorted is all there is: complete now.
                 held = summary.left_series  # a file left holds its series
                 summary.completions = sorter.journal.complete_counted(cfg.series_idle, cfg.study_idle, held)
+                if hooks and cfg.hooks and summary.completions:
+                    summary.notes.append("the hooks of the series and studies completed here are queued: dumpwatch "
+                                         "serve runs them (sort-once --no-hooks queues none)")
             except sqlite3.Error as exc:
                 summary.notes.append(f"the series sorted could not be marked complete: {exc}")
     if dry_run and summary.counts[Outcome.QUARANTINED] and cfg.quarantine_dir is not None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from dumpwatch.config import Config
-from dumpwatch.dumplock import LOCK_NAME, read_lock
+from dumpwatch.dumplock import LOCK_NAME, LockInfo, read_lock
 from dumpwatch.reasons import STILL_ARRIVING, disk_full
 from dumpwatch.report import for_status, status_lines
 from dumpwatch.text import printable
@@ -59,8 +59,9 @@ def echo(port: int, aetitle: str) -> str | None:
     return lines[-1].removeprefix("F: ") if lines else f"exit status {result.returncode}"
 
 
-def report(cfg: Config) -> dict:
-    """Everything `status` shows, as plain data (`--json` prints it as it is)."""
+def report(cfg: Config, own: LockInfo | None = None) -> dict:
+    """Everything `status` shows, as plain data (`--json` prints it as it is). own: serve's
+    own lock, when serve asks (its health notices): read_lock would drop serve's lock."""
     problems: list[str] = []
     result: dict = {"config": str(cfg.path) if cfg.path else None}
 
@@ -76,7 +77,7 @@ def report(cfg: Config) -> dict:
                         f"{cfg.aetitle} (echoscu: {refused})")
 
     dump = cfg.dir_dump
-    holder = read_lock(dump) if dump else None
+    holder = own if own is not None else read_lock(dump) if dump else None
     result["watcher"] = {"running": holder is not None, **(holder.__dict__ if holder else {})}
     if holder is None:
         problems.append("dumpwatch serve is not running")

@@ -9,6 +9,7 @@ or tree that cannot be written pauses sorting.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -22,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NamedTuple
 
+from dumpwatch.actions import Actions, queue_after
 from dumpwatch.arrivals import Arrivals, Changed, Closed, SweepNow
 from dumpwatch.config import Config
 from dumpwatch.dumplock import DumpLock
@@ -136,6 +138,16 @@ class Server:
                                  stable_seconds=cfg.stable_seconds, in_hand=cfg.in_hand)
         self.chunks = Chunks(self.workers, self.todo)
         self.retries = Retries(self.lock)
+        self.actions: Actions | None = None
+        journal = self.sorter.journal
+        if journal is not None and (cfg.hooks or cfg.channels):
+            try:
+                # Hook runs and notices are queued with the completions that call for them.
+                journal.after_completion = functools.partial(queue_after, cfg)
+                self.actions = Actions(cfg, journal.connect(), lambda: self.lock.info)
+            except BaseException:
+                self.close()
+                raise
         self.left_series: dict[str, str] = {}  # files left in the dump -> their series, when known
         self.arriving: set[str] = set()  # files left in the dump as still arriving: series not known
         self.next_completion = 0.0
@@ -146,6 +158,8 @@ class Server:
         """Sort until stop is set. Raises ServeFailed if the observer dies, or if worker
         processes die as soon as they start (a worker that dies later is replaced)."""
         self.arrivals.start()
+        if self.actions is not None:
+            self.actions.start()
         log.info("watching %s (%s); sorting into %s", self.dump, self.cfg.observer, self.cfg.dir_out)
         next_sweep = 0.0  # sweep at once: files that arrived while no one watched
         try:
@@ -215,6 +229,8 @@ class Server:
                               "it anew (the files wait in the dump)")
 
     def close(self) -> None:
+        if self.actions is not None:
+            self.actions.stop()
         self.workers.close()
         self.sorter.close()
         self.lock.close()
@@ -317,6 +333,8 @@ class Server:
         except sqlite3.Error as exc:
             self.pause.begin(exc)
             return
+        if done and self.actions is not None:
+            self.actions.poke()
         for item in done:
             again = " again" if item.again else ""
             if item.kind == "series":
