@@ -230,6 +230,36 @@ def test_kill_9_of_serve_while_a_hook_runs_runs_it_again_exactly_once(tmp_path, 
 
 
 @pytest.mark.dcmtk
+def test_a_hook_running_when_serve_is_stopped_is_killed_and_runs_at_the_next_start(tmp_path, template_file):
+    """supervisorctl restart: SIGTERM ends serve promptly; the run under way is killed with its
+    group, goes back to waiting without counting as an interruption, and runs again."""
+    template, log = recorder(tmp_path, "{series_number}")
+    site = write_config(tmp_path / "site", **IDLE, on_series_complete=template)
+    os.environ["HOOK_SLEEP"] = "60"
+    try:
+        scp, serve = Storescp(site), Serve(site)
+    finally:
+        del os.environ["HOOK_SLEEP"]
+    try:
+        storescu(port_of(site), volume(template_file, tmp_path / "a", 2), tmp_path)
+        wait_for(lambda: records(log), 60, "the hook to start")
+        first = records(log)[0]["pid"]
+        stopping = time.monotonic()
+        assert serve.stop() == 0
+        assert time.monotonic() - stopping < hooks.KILL_GRACE + 5
+        assert not alive(first)
+        [run] = runs(site)
+        assert run["state"] == "waiting" and run["restarts"] == 0 and run["pid"] is None
+        serve = Serve(site)  # HOOK_SLEEP is not set now: the rerun ends at once
+        run = ended(site, 1, timeout=60)[0]
+        assert run["state"] == "ok" and run["restarts"] == 0 and run["tries"] == 2
+        assert len([r for r in records(log) if "start" in r]) == 2
+    finally:
+        assert serve.stop() == 0
+        scp.stop()
+
+
+@pytest.mark.dcmtk
 def test_fifty_series_at_once_never_run_more_than_hook_workers_hooks(tmp_path, template_file):
     template, log = recorder(tmp_path, "{series_number}")
     site = write_config(tmp_path / "site", **IDLE, on_series_complete=template, hook_workers=2)
