@@ -197,14 +197,16 @@ def _signal_name(number: int) -> str:
 
 def run(argv: list[str], env: dict[str, str], cwd: str, timeout: float,
         started: Callable[[int, int | None], None], stopping: threading.Event | None = None) -> Ran:
-    """Run argv once, in a session of its own (its process group is what a timeout kills),
+    """Run argv once, in a process group of its own (what a timeout kills), in serve's session:
+    a session of its own would be an autogroup of its own, which the kernel gives as much CPU
+    as serve's whatever the nice level or policy (measured, bench/hooks.py);
     with its output to an unnamed file of which the last TAIL bytes are kept. started(pid,
     start time) is called as soon as it runs, for the journal. Called on a thread whose CPU
     and I/O priority are already low (lower_priority): the child takes them from it."""
     with tempfile.TemporaryFile() as out:
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       cwd=cwd, env=env, start_new_session=True, close_fds=True)
+                                       cwd=cwd, env=env, process_group=0, close_fds=True)
         except OSError as exc:
             return Ran(None, "", error=f"cannot start {argv[0]}: {exc.strerror or exc}")
         started(process.pid, start_time(process.pid))
@@ -282,10 +284,18 @@ def kill_leftover(pid: int, started: int | None) -> bool:
 
 def lower_priority() -> None:
     """This thread (and the hooks it starts) at the lowest CPU and I/O priority: receiving and
-    sorting come first. Linux keeps both per thread, and a child takes its thread's."""
+    sorting come first. Linux keeps both per thread, and a child takes its thread's.
+
+    serve itself runs at nice 19 (storescp first), so nice alone would give a hook as much CPU
+    as sorting: SCHED_IDLE runs the hook only on CPU time nothing else at any nice level wants
+    (bench/hooks.py). The idle I/O class counts only under the bfq I/O scheduler."""
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
     except OSError:
+        pass
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):  # not Linux, or refused by a container's seccomp policy
         pass
     linux.ioprio_idle(tid)

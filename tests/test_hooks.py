@@ -422,5 +422,7 @@ def test_hooks_run_at_the_lowest_cpu_and_io_priority(tmp_path):
     thread.start()
     thread.join()
     stat, io = seen["output"].splitlines()[:2]
-    assert stat.rsplit(")", 1)[1].split()[16] == "19"  # nice
+    fields = stat.rsplit(")", 1)[1].split()  # from the state, field 3 of proc(5)
+    assert fields[16] == "19"  # nice
+    assert fields[38] == str(os.SCHED_IDLE)  # the scheduling policy: below any nice level
     assert io in ("idle", "no-ionice")
