@@ -62,6 +62,10 @@ def queue_after(cfg: Config, db: sqlite3.Connection, done: list[Completion], mom
             if item.kind == "series":
                 study_id = db.execute("SELECT study_id FROM series WHERE id = ?", (item.id,)).fetchone()[0]
             state, reason = _decide(cfg, db, item, hook)
+            column = "series_id" if item.kind == "series" else "study_id"
+            db.execute(f"UPDATE hook_runs SET state = ?, reason = ?, ended = ? WHERE hook = ? AND {column} = ?"
+                       " AND state = 'waiting'", (SKIPPED, "a later completion of it queued its own run", moment,
+                                                  hook, item.id))
             db.execute("INSERT INTO hook_runs (completion_id, hook, series_id, study_id, state, reason, queued)"
                        " VALUES (?,?,?,?,?,?,?)", (item.row, hook, item.id if item.kind == "series" else None,
                                                    study_id, state, reason, moment))
@@ -98,14 +102,19 @@ def add_notice(db: sqlite3.Connection, cfg: Config, moment: float, subject: str,
                    [(moment, body["event"], channel, subject, json.dumps(body), moment) for channel in cfg.channels])
 
 
-def recover(db: sqlite3.Connection) -> list[str]:
+def mark_of(cfg: Config, run: int) -> str:
+    """What each process of a run carries in its environment (hooks.MARK): this journal's run."""
+    return f"{os.path.abspath(str(cfg.journal_path))}#{run}"
+
+
+def recover(db: sqlite3.Connection, cfg: Config) -> list[str]:
     """At serve's start, before any hook runs: each run a killed serve left running has what is
     left of its process group killed, and runs again once; a second time, it is given up.
     Returns what was done, in words."""
     said = []
     with _transaction(db):
         for row in db.execute("SELECT * FROM hook_runs WHERE state = 'running'").fetchall():
-            killed = row["pid"] is not None and hooks.kill_leftover(row["pid"], row["pid_start"])
+            killed = hooks.kill_leftover(row["pid"], row["pid_start"], mark_of(cfg, row["id"]))
             if row["restarts"] >= 1:
                 why = "serve was killed while it ran, twice: not run again"
                 db.execute("UPDATE hook_runs SET state = ?, restarts = restarts + 1, ended = ?, reason = ?"
@@ -194,8 +203,7 @@ class Actions:
         self.scanned = int(self.marks.get("quarantine") or 0)  # quarantined rows up to here are told of
         self.found: list[sqlite3.Row] = []  # quarantined since, not yet told of
         self.told_at = float(self.marks.get("quarantine_at") or 0)
-        for line in recover(db):
-            log.warning("%s", line)
+        self.recovered = False  # recover() runs first on the thread: a locked journal must not stop serve
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="actions", daemon=True)
@@ -234,13 +242,33 @@ class Actions:
                 return
             try:
                 item = self.events.get(timeout=TICK)
-                self._take(item)
                 while True:
-                    self._take(self.events.get_nowait())
+                    if not self._taken(item):
+                        break
+                    item = self.events.get_nowait()
             except queue.Empty:
                 pass
 
+    def _taken(self, item: object) -> bool:
+        """Take one event; False when the journal cannot record it now: it is put back, to be
+        taken again after a pause (a run's end is never lost, nor a notice's)."""
+        try:
+            self._take(item)
+            return True
+        except sqlite3.Error as exc:
+            log.warning("hooks and notices wait: the journal cannot be written (%s)", exc)
+            self.events.put(item)
+            self.stopping.wait(10)
+            return False
+        except Exception:  # noqa: BLE001  (a bug here must not end the thread)
+            log.exception("hooks and notices: an unexpected error taking %r; going on", item)
+            return True
+
     def _once(self) -> None:
+        if not self.recovered:
+            for line in recover(self.db, self.cfg):
+                log.warning("%s", line)
+            self.recovered = True
         self._dispatch()
         self._quarantined()
         self._health()
@@ -251,10 +279,13 @@ class Actions:
         deadline = time.monotonic() + hooks.KILL_GRACE + 2
         while self.running and time.monotonic() < deadline:
             try:
-                self._take(self.events.get(timeout=0.2))
+                item = self.events.get(timeout=0.2)
             except queue.Empty:
-                pass
-            except sqlite3.Error:
+                continue
+            try:
+                self._take(item)
+            except Exception:  # noqa: BLE001  (stopping: the next start's recover() settles it)
+                log.exception("hooks and notices: cannot record %r while stopping", item)
                 break
 
     def _take(self, item: object) -> None:
@@ -263,8 +294,8 @@ class Actions:
                 self.db.execute("UPDATE hook_runs SET pid = ?, pid_start = ?, tries = tries + 1 WHERE id = ?",
                                 (pid, start, run))
             case _Finished(run, future, started):
+                self._finished(run, future, started)  # recorded first: a run is running until its end is
                 self.running.discard(run)
-                self._finished(run, future, started)
             case _Sent(notice, future):
                 self.sending = False
                 self._sent(notice, future)
@@ -276,15 +307,20 @@ class Actions:
 
     def _dispatch(self) -> None:
         while len(self.running) < self.cfg.hook_workers and not self.stopping.is_set():
-            row = self.db.execute("SELECT * FROM hook_runs WHERE state = 'waiting' ORDER BY id LIMIT 1").fetchone()
+            # One run at a time for a series or a study: a later completion's run waits for the one under way.
+            row = self.db.execute(
+                "SELECT * FROM hook_runs AS h WHERE state = 'waiting' AND NOT EXISTS (SELECT 1 FROM hook_runs AS r"
+                " WHERE r.state = 'running' AND r.hook = h.hook AND r.study_id IS h.study_id"
+                " AND r.series_id IS h.series_id) ORDER BY id LIMIT 1").fetchone()
             if row is None:
                 return
             try:
                 argv, env = self._command(row)
-            except _CannotRun as exc:
+            except Exception as exc:  # noqa: BLE001  (_CannotRun, or a bug: this run fails, the others go on)
+                why = str(exc) if isinstance(exc, _CannotRun) else f"dumpwatch could not make its command: {exc!r}"
                 self.db.execute("UPDATE hook_runs SET state = ?, reason = ?, started = ?, ended = ? WHERE id = ?",
-                                (FAILED, str(exc), time.time(), time.time(), row["id"]))
-                log.error("%s for run %d not run: %s", row["hook"], row["id"], exc)
+                                (FAILED, why, time.time(), time.time(), row["id"]))
+                log.error("%s for run %d not run: %s", row["hook"], row["id"], why)
                 continue
             now = time.time()
             self.db.execute("UPDATE hook_runs SET state = 'running', started = ?, argv = ? WHERE id = ?",
@@ -316,7 +352,9 @@ class Actions:
             values["output_dir"] = str(folder)
         argv = template.fill(values)
         argv[0] = program
-        return argv, hooks.environment(values)
+        env = hooks.environment(values)
+        env[hooks.MARK] = mark_of(self.cfg, row["id"])
+        return argv, env
 
     def _values(self, row: sqlite3.Row) -> dict[str, str]:
         out = Path(os.path.abspath(self.cfg.dir_out or "."))
@@ -365,6 +403,8 @@ class Actions:
             self.events.put(_Started(run_id, pid, start))
 
         def attempt() -> hooks.Ran:
+            if self.stopping.is_set():  # stopped while waiting to try again: the next start runs it
+                return hooks.Ran(None, "", error="serve stopped before it ran")
             ran = hooks.run(argv, env, str(self.cfg.dir_out or "/"), self.cfg.hook_timeout, started, self.stopping)
             if not ran.ok and not self.stopping.is_set():
                 log.warning("hook run %d failed: %s", run_id, ran.describe(self.cfg.hook_timeout))
@@ -453,7 +493,7 @@ class Actions:
         told = self.marks.get("health", "healthy") == "healthy"
         if len(self.seen) < 2 or self.seen[0] != self.seen[1] or healthy == told:
             return
-        subject, body = notify.health(healthy, problems)
+        subject, body = notify.health(healthy, problems, self.cfg.dir_out, self.cfg.notify_identifiers)
         with _transaction(self.db) as db:
             add_notice(db, self.cfg, time.time(), subject, body)
             db.execute("INSERT INTO marks (name, value) VALUES ('health', ?) ON CONFLICT (name) DO UPDATE"

@@ -8,7 +8,6 @@ import grp
 import os
 import re
 import socket
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from pydicom.datadict import keyword_dict
 
 from dumpwatch.configkeys import KEYS, LEGACY_UNUSED, NOTIFY_EVENTS, STATE_DIR
 from dumpwatch.errors import ConfigError, ConfigErrors
-from dumpwatch.hooks import OUTPUT_FIELDS
 from dumpwatch.hooks import Template as HookTemplate
+from dumpwatch.hooks import check_output_dir
 from dumpwatch.keys import load_subjects
 from dumpwatch.naming import DEFAULT_TEMPLATE, Template
 from dumpwatch.rules import RULES_DIR, Profile, find_layer, load_profile
@@ -388,11 +387,7 @@ def _after_the_scan(cfg: Config, seen: dict[str, int]) -> list[ConfigError]:
     where = cfg.path
     if cfg.hook_output_dir is not None:
         try:
-            names = {name for _, name, _, _ in string.Formatter().parse(str(cfg.hook_output_dir)) if name is not None}
-            unknown = sorted(n for n in names if n not in OUTPUT_FIELDS)
-            if unknown:
-                known = ", ".join("{" + f + "}" for f in OUTPUT_FIELDS)
-                raise ValueError(f"unknown placeholder {{{unknown[0]}}} (known here: {known})")
+            check_output_dir(str(cfg.hook_output_dir))
         except ValueError as exc:
             errors.append(ConfigError(str(exc), where, seen.get("hook_output_dir"), "hook_output_dir"))
     uses_output = any(t is not None and "output_dir" in t.names() for t in (cfg.on_series_complete,

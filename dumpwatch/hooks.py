@@ -59,7 +59,24 @@ SERIES_FIELDS = {
 STUDY_ONLY = {"series": "the number of series in the study"}
 FIELDS = {SERIES: SERIES_FIELDS, STUDY: {**STUDY_FIELDS, **STUDY_ONLY}}
 # hook_output_dir may use the names every hook has, but not itself.
-OUTPUT_FIELDS = {k: v for k, v in STUDY_FIELDS.items() if k != "output_dir"}
+# (nor the absolute paths: a value there cannot add folder levels, so they could never work).
+OUTPUT_FIELDS = {k: v for k, v in STUDY_FIELDS.items() if k not in ("output_dir", "dir_out", "study_dir")}
+
+
+def check_output_dir(template: str) -> None:
+    """ValueError unless hook_output_dir's placeholders are bare names it may use."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for a literal brace)") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion or not name.isidentifier():
+            raise ValueError(f"{{{name}}}: a placeholder is a bare name such as {{subject}}")
+        if name not in OUTPUT_FIELDS:
+            known = ", ".join("{" + f + "}" for f in sorted(OUTPUT_FIELDS))
+            raise ValueError(f"unknown placeholder {{{name}}} (known: {known})")
 
 def label(name: str) -> str:
     """A name's ASCII letters and digits only: what BIDS allows in a participant label."""
@@ -107,6 +124,8 @@ class Template:
             args.append(tuple(pieces))
         if any(name for _, name in args[0]):
             raise ValueError("the program (the first word) must be written out, not a placeholder")
+        if not args[0] or not args[0][0][0]:
+            raise ValueError("the program (the first word) is empty")
         return cls(text, tuple(args))
 
     @property
@@ -267,19 +286,40 @@ def start_time(pid: int) -> int | None:
         return None
 
 
-def kill_leftover(pid: int, started: int | None) -> bool:
-    """Kill the process group of a hook that a serve killed with -9 left running, before it
-    runs again. Only if that pid is still the hook (its start time matches), or is no process
-    at all: a pid that no process holds cannot be another group's id, so what remains in
-    group `pid` is the hook's children. True if something was killed."""
-    now = start_time(pid)
-    if now is not None and (started is None or now != started):
-        return False  # that pid is another process now
-    try:
-        os.killpg(pid, signal.SIGKILL)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+MARK = "DUMPWATCH_RUN"  # in each hook's environment: which journal's which run it is
+
+
+def kill_leftover(pid: int | None, started: int | None, mark: str) -> int:
+    """Kill what a serve killed with -9 left of a hook run, before it runs again: the process
+    group of its leader if that pid is still the leader (its start time matches), and the
+    group of every process whose environment carries the run's mark (its children, which
+    inherit it, even after the leader died or the machine's pids were reused). Returns how
+    many processes were found."""
+    found = set(marked(mark))
+    if pid is not None and started is not None and start_time(pid) == started:
+        found.add(pid)
+    for each in found:
+        try:
+            os.killpg(os.getpgid(each), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(found)
+
+
+def marked(mark: str) -> list[int]:
+    """The processes whose environment holds DUMPWATCH_RUN=mark (those this user may read)."""
+    wanted = f"{MARK}={mark}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as file:
+                if wanted in file.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 def lower_priority() -> None:

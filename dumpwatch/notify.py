@@ -23,6 +23,7 @@ from dumpwatch.config import Config, notify_from, smtp_port
 
 TIMEOUT = 30  # seconds for a mail server or a webhook to answer
 HIDDEN = "(not named: notify_identifiers = no)"
+QUOTED = re.compile(r"'(?!DICM')[^']*'" + r'|"[^"]*"')  # quoted text in a reason, but for 'DICM'
 
 
 def host() -> str:
@@ -73,13 +74,19 @@ def quarantine(rows: list, folder: Path | None, dir_out: Path | None, identifier
 
 
 def _without_paths(reason: str, dir_out: Path | None) -> str:
-    """A reason without the tree's paths: their folders can be patients' names."""
+    """A reason without the tree's paths, nor any quoted text: the tree's folders can be
+    patients' names, and reasons quote folder names ('20240101-DOE_JOHN' in the sorted tree is
+    not a folder) and values read from headers. Only dumpwatch's own 'DICM' stays."""
     if dir_out is not None:
         reason = re.sub(re.escape(str(dir_out).rstrip("/")) + r"/[^)\s]*", "<dir_out>/...", reason)
-    return reason
+    return QUOTED.sub("'...'", reason)
 
 
-def health(healthy: bool, problems: list[str]) -> tuple[str, dict]:
+def health(healthy: bool, problems: list[str], dir_out: Path | None, identifiers: bool) -> tuple[str, dict]:
+    """Health changed: the problems as status words them, without the tree's paths (a file
+    left in the dump or a paused move can name one) unless identifiers."""
+    if not identifiers:
+        problems = [_without_paths(p, dir_out) for p in problems]
     subject = f"dumpwatch on {host()}: " + ("healthy again" if healthy else "UNHEALTHY: " + "; ".join(problems))
     return subject[:300], {"event": "healthy" if healthy else "unhealthy", "host": host(), "healthy": healthy,
                            "problems": problems}

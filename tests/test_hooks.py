@@ -367,6 +367,12 @@ def test_an_unknown_placeholder_is_a_configuration_error(tmp_path):
     out = os.popen(f"{shlex.quote(sys.executable)} -m dumpwatch --config {site} check-config 2>&1").read()
     assert "on_series_complete: unknown placeholder {nifti_dir}" in out
     assert "on_study_complete: the program (the first word) must be written out" in out
+    site = write_config(tmp_path / "other", hook_output_dir="/n/{study_date:%Y}/{subject!r}",
+                        on_series_complete="dcm2niix -o {output_dir} {series_dir}")
+    out = os.popen(f"{shlex.quote(sys.executable)} -m dumpwatch --config {site} check-config 2>&1").read()
+    assert "hook_output_dir: {study_date}: a placeholder is a bare name" in out, out
+    with pytest.raises(ValueError, match="the program .* is empty"):
+        hooks.Template.parse("'' {series_dir}", hooks.SERIES_FIELDS)
 
 
 def test_a_template_splits_once_and_values_never_make_arguments():
@@ -392,19 +398,27 @@ def test_the_shipped_dcm2niix_example_reads(tmp_path):
     assert hooks.find_program("dcm2niix") is not None  # installed with the tests (PyPI's wheel)
 
 
-def test_a_kill_leftover_never_kills_a_process_that_reused_the_pid(tmp_path):
+def test_a_kill_leftover_kills_the_marked_and_never_a_process_that_reused_the_pid(tmp_path):
     import subprocess
 
     other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    mark = f"{tmp_path}/journal.sqlite3#7"
+    # A hook's child that left its group (setsid) still carries the run's mark.
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True, env={**os.environ, hooks.MARK: mark})
+    near = subprocess.Popen(["sleep", "30"], start_new_session=True, env={**os.environ, hooks.MARK: mark + "0"})
     try:
-        assert not hooks.kill_leftover(other.pid, (hooks.start_time(other.pid) or 0) + 1)
+        assert hooks.kill_leftover(other.pid, (hooks.start_time(other.pid) or 0) + 1, "no such mark") == 0
         assert other.poll() is None
-        assert hooks.kill_leftover(other.pid, hooks.start_time(other.pid))
+        assert hooks.kill_leftover(other.pid, hooks.start_time(other.pid), "no such mark") == 1
         assert other.wait(timeout=10) == -signal.SIGKILL
+        assert hooks.kill_leftover(None, None, mark) == 1
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert near.poll() is None  # another run's mark
     finally:
-        if other.poll() is None:
-            other.kill()
-            other.wait()
+        for process in (other, child, near):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_hooks_run_at_the_lowest_cpu_and_io_priority(tmp_path):

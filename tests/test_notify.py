@@ -235,3 +235,12 @@ def test_quarantine_reasons_lose_the_trees_paths(tmp_path):
     subject, body = notify.quarantine(rows, tmp_path / "q", tmp_path / "sorted", identifiers=False)
     assert "Doe" not in shlex.join([subject, json.dumps(body)])
     assert body["reasons"][0]["reason"] == "differs from <dir_out>/... (kept there)"
+    rows = [{"reason": "'20261201-Doe-Jane' in the sorted tree is not a folder", "name": "MR.2"},
+            {"reason": "not a DICOM file (no 'DICM' marker at byte 128)", "name": "MR.3"}]
+    _, body = notify.quarantine(rows, tmp_path / "q", tmp_path / "sorted", identifiers=False)
+    assert [r["reason"] for r in body["reasons"]] == ["'...' in the sorted tree is not a folder",
+                                                      "not a DICOM file (no 'DICM' marker at byte 128)"]
+    subject, body = notify.health(False, [f"1 file in the dump cannot be sorted (tried 3 times): cannot write "
+                                          f"{tmp_path}/sorted/20261201-Doe-Jane/003-t1/0001.dcm: Permission denied"],
+                                  tmp_path / "sorted", identifiers=False)
+    assert "Doe" not in subject + json.dumps(body) and "<dir_out>/... Permission denied" in subject
