@@ -40,6 +40,7 @@ from dumpwatch import completeness, completion, hooks, notify
 from dumpwatch.completion import Completion
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LockInfo
+from dumpwatch.journal import transaction
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +54,42 @@ VERDICTS = {completeness.WHOLE: "whole", completeness.INCOMPLETE: "incomplete",
 
 def queue_after(cfg: Config, db: sqlite3.Connection, done: list[Completion], moment: float, hooks_too: bool = True,
                 notices: bool = True) -> None:
-    """Queue the hook runs and notices these completions call for, in the caller's transaction."""
+    """Queue the hook runs and notices these completions call for, in the caller's transaction.
+    A fault with one completion (a bug, an odd row) is logged and queues nothing for it: it
+    must never fail the transaction that records the completions, which serve would retry."""
     for item in done:
-        template = cfg.on_series_complete if item.kind == "series" else cfg.on_study_complete
-        if hooks_too and template is not None:
-            hook = hooks.SERIES if item.kind == "series" else hooks.STUDY
-            study_id = item.id
-            if item.kind == "series":
-                study_id = db.execute("SELECT study_id FROM series WHERE id = ?", (item.id,)).fetchone()[0]
-            state, reason = _decide(cfg, db, item, hook)
-            column = "series_id" if item.kind == "series" else "study_id"
-            db.execute(f"UPDATE hook_runs SET state = ?, reason = ?, ended = ? WHERE hook = ? AND {column} = ?"
-                       " AND state = 'waiting'", (SKIPPED, "a later completion of it queued its own run", moment,
-                                                  hook, item.id))
-            db.execute("INSERT INTO hook_runs (completion_id, hook, series_id, study_id, state, reason, queued)"
-                       " VALUES (?,?,?,?,?,?,?)", (item.row, hook, item.id if item.kind == "series" else None,
-                                                   study_id, state, reason, moment))
-            if state == SKIPPED:
-                log.info("%s not run for %s: %s", hook, item.folder, reason)
-        if notices and item.kind == "study" and "study_complete" in cfg.notify_on and cfg.channels:
-            subject, body = notify.study(db, item.id, item.again, cfg.notify_identifiers)
-            add_notice(db, cfg, moment, subject, body)
+        db.execute("SAVEPOINT queue_after")
+        try:
+            _queue(cfg, db, item, moment, hooks_too, notices)
+        except sqlite3.Error:
+            raise  # the journal itself: the caller's transaction fails, and it pauses or retries
+        except Exception:  # noqa: BLE001
+            db.execute("ROLLBACK TO queue_after")
+            log.exception("nothing queued after the completion of %s %s", item.kind, item.folder)
+        db.execute("RELEASE queue_after")
+
+
+def _queue(cfg: Config, db: sqlite3.Connection, item: Completion, moment: float, hooks_too: bool,
+           notices: bool) -> None:
+    template = cfg.on_series_complete if item.kind == "series" else cfg.on_study_complete
+    if hooks_too and template is not None:
+        hook = hooks.SERIES if item.kind == "series" else hooks.STUDY
+        study_id = item.id
+        if item.kind == "series":
+            study_id = db.execute("SELECT study_id FROM series WHERE id = ?", (item.id,)).fetchone()[0]
+        state, reason = _decide(cfg, db, item, hook)
+        column = "series_id" if item.kind == "series" else "study_id"
+        db.execute(f"UPDATE hook_runs SET state = ?, reason = ?, ended = ? WHERE hook = ? AND {column} = ?"
+                   " AND state = 'waiting'", (SKIPPED, "a later completion of it queued its own run", moment,
+                                              hook, item.id))
+        db.execute("INSERT INTO hook_runs (completion_id, hook, series_id, study_id, state, reason, queued)"
+                   " VALUES (?,?,?,?,?,?,?)", (item.row, hook, item.id if item.kind == "series" else None,
+                                               study_id, state, reason, moment))
+        if state == SKIPPED:
+            log.info("%s not run for %s: %s", hook, item.folder, reason)
+    if notices and item.kind == "study" and "study_complete" in cfg.notify_on and cfg.channels:
+        subject, body = notify.study(db, item.id, item.again, cfg.notify_identifiers)
+        add_notice(db, cfg, moment, subject, body)
 
 
 def _decide(cfg: Config, db: sqlite3.Connection, item: Completion, hook: str) -> tuple[str, str | None]:
@@ -82,7 +98,7 @@ def _decide(cfg: Config, db: sqlite3.Connection, item: Completion, hook: str) ->
         if item.kind == "series" and item.whole == completeness.INCOMPLETE:
             return SKIPPED, f"not whole: {item.verdict} (hook_when = whole)"
         if item.kind == "study":
-            lacking = [row["folder"].rsplit("/", 1)[-1] for row in db.execute(
+            lacking = [(row["folder"] or "").rsplit("/", 1)[-1] for row in db.execute(
                 "SELECT * FROM series WHERE study_id = ? AND files > 0 ORDER BY first, id", (item.id,))
                 if completion.verdict_of(row).verdict == completeness.INCOMPLETE]
             if lacking:
@@ -112,7 +128,7 @@ def recover(db: sqlite3.Connection, cfg: Config) -> list[str]:
     left of its process group killed, and runs again once; a second time, it is given up.
     Returns what was done, in words."""
     said = []
-    with _transaction(db):
+    with transaction(db):
         for row in db.execute("SELECT * FROM hook_runs WHERE state = 'running'").fetchall():
             killed = hooks.kill_leftover(row["pid"], row["pid_start"], mark_of(cfg, row["id"]))
             if row["restarts"] >= 1:
@@ -126,18 +142,6 @@ def recover(db: sqlite3.Connection, cfg: Config) -> list[str]:
                 said.append(f"hook run {row['id']} did not finish before serve stopped: it runs again"
                             + (" (what was left of it was killed)" if killed else ""))
     return said
-
-
-class _transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, kind, value, traceback) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 @dataclass
@@ -461,7 +465,7 @@ class Actions:
             return
         subject, body = notify.quarantine(self.found, self.cfg.quarantine_dir, self.cfg.dir_out,
                                           self.cfg.notify_identifiers)
-        with _transaction(self.db) as db:
+        with transaction(self.db) as db:
             add_notice(db, self.cfg, now, subject, body)
             db.executemany("INSERT INTO marks (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
                            " SET value = excluded.value", [("quarantine", self.scanned), ("quarantine_at", now)])
@@ -494,7 +498,7 @@ class Actions:
         if len(self.seen) < 2 or self.seen[0] != self.seen[1] or healthy == told:
             return
         subject, body = notify.health(healthy, problems, self.cfg.dir_out, self.cfg.notify_identifiers)
-        with _transaction(self.db) as db:
+        with transaction(self.db) as db:
             add_notice(db, self.cfg, time.time(), subject, body)
             db.execute("INSERT INTO marks (name, value) VALUES ('health', ?) ON CONFLICT (name) DO UPDATE"
                        " SET value = excluded.value", ("healthy" if healthy else "unhealthy",))

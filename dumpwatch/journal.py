@@ -343,10 +343,12 @@ class Journal:
         return self.db.execute(FIND_SQL, values).fetchall()
 
     def _transaction(self):
-        return _Transaction(self.db)
+        return transaction(self.db)
 
 
-class _Transaction:
+class transaction:  # noqa: N801  (used as a function: `with transaction(db) as db:`)
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception, on a connection in autocommit mode."""
+
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 
