@@ -19,7 +19,7 @@ from dumpwatch.report import ReportError, gather, open_journal, parse_since
 from dumpwatch.report import render as render_report
 from dumpwatch.rules import RULES_DIR, load_layer
 from dumpwatch.sortonce import EXIT_ERROR
-from dumpwatch.status import render, report
+from dumpwatch.status import exit_code, render, report
 
 
 @click.command("status")
@@ -28,11 +28,12 @@ from dumpwatch.status import render, report
 @click.pass_obj
 def status_command(options: Options, as_json: bool) -> None:
     """Is all well? storescp listening, the watcher alive, the dump's backlog, recent
-    sorting, the quarantine. Exit status 0 when healthy, 1 when not (for monitoring)."""
+    sorting, the quarantine, disk space. Exit status 0 when healthy, 1 when not, 3 when
+    healthy with a warning (a filesystem past disk_warn, or filling within a day)."""
     cfg = config_from(options)
     data = report(cfg)
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
-    sys.exit(0 if data["healthy"] else EXIT_ERROR)
+    sys.exit(exit_code(data))
 
 
 @click.command("config-value")

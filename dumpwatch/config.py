@@ -49,6 +49,8 @@ class Config:
     stable_seconds: float = 2.0
     sweep_interval: float = 60.0
     backlog_alarm: float = 300.0
+    disk_warn: int = 85
+    disk_alarm: int = 95
     in_hand: int = 20_000
     series_idle: float = 60.0
     study_idle: float = 600.0
@@ -80,6 +82,11 @@ class Config:
     notify_interval: float = 300.0
     notify_identifiers: bool = False
     health_interval: float = 30.0
+    web_bind: str = "127.0.0.1"
+    web_port: int = 11180
+    web_passwords: Path | None = None
+    web_refresh: int = 30
+    web_days: int = 7
     profile: Profile | None = None  # anon_profile's layers, compiled
     subjects: dict[str, str] | None = None  # anon_subjects, read
     anon_fields: tuple[int, ...] = ()
@@ -148,6 +155,8 @@ class Config:
                 value = ", ".join(value) if value else None
             if key in ("file_mode", "dir_mode"):
                 shown = f"{value:04o}"
+            elif key in ("disk_warn", "disk_alarm"):
+                shown = f"{value}%"
             elif key == "workers":
                 shown = f"{self.worker_count}" + ("" if self.workers else " (auto)")
             elif key == "group":
@@ -399,6 +408,9 @@ def _after_the_scan(cfg: Config, seen: dict[str, int]) -> list[ConfigError]:
     if cfg.smtp_user and cfg.smtp_password_file is None:
         errors.append(ConfigError("a login needs smtp_password_file (the file holding its password)", where,
                                   seen.get("smtp_user"), "smtp_password_file"))
+    if cfg.disk_warn > cfg.disk_alarm:
+        errors.append(ConfigError(f"disk_warn ({cfg.disk_warn}%) is above disk_alarm ({cfg.disk_alarm}%): the "
+                                  "warning comes first", where, seen.get("disk_warn"), "disk_warn"))
     return errors
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,21 @@ def _seconds_from(low: float):
 
 
 _seconds = _seconds_from(0)
+
+
+def _percent(text: str) -> int:
+    number = text.strip().removesuffix("%").strip()
+    if not number.isdigit() or not 1 <= int(number) <= 100:
+        raise ValueError(f"a whole percentage from 1 to 100, such as 85%: {text!r}")
+    return int(number)
+
+
+def _bind(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"an IP address of this machine, such as 127.0.0.1 or 0.0.0.0 (all): {text!r}") from None
+    return text
 
 
 def _aetitle(text: str) -> str:
@@ -210,6 +226,10 @@ KEYS: dict[str, Key] = {
                           "a file unchanged this long, open in no process, is finished (polling, sweeps)"),
     "sweep_interval": Key(_seconds_from(1), "60", "seconds between sweeps of the dump for files an event missed"),
     "backlog_alarm": Key(_seconds, "300", "status is unhealthy when a file has waited in the dump this long"),
+    "disk_warn": Key(_percent, "85%", "status and the web page warn when a filesystem of the tree, the quarantine "
+                     "or the dump is this full"),
+    "disk_alarm": Key(_percent, "95%", "status is unhealthy when one is this full (nothing is ever deleted to make "
+                      "room)"),
     "in_hand": Key(_int_in(100, 10**7), "20000", "files serve holds in memory at most; beyond, the dump is the "
                    "queue and sweeps take more as these are done"),
     "series_idle": Key(_seconds_from(1), "60", "a series is complete once no file of it arrived for this long "
@@ -261,4 +281,12 @@ KEYS: dict[str, Key] = {
                            "come in one message)"),
     "notify_identifiers": Key(_yes_no, "no", "name the study's folder (often the patient's name) in notices"),
     "health_interval": Key(_seconds_from(1), "30", "seconds between serve's checks of health, for notices"),
+    # The operators' view: `dumpwatch web` (web.py).
+    "web_bind": Key(_bind, "127.0.0.1", "the address the status page and /metrics listen on; beyond loopback only "
+                    "with web_passwords"),
+    "web_port": Key(_int_in(1, 65535), "11180", "their TCP port"),
+    "web_passwords": Key(str, "(none: no login)", "a file of users and hashed passwords (dumpwatch web-password) "
+                         "the page and /metrics ask for", kind="path", blank_ok=True),
+    "web_refresh": Key(_int_in(5, 3600), "30", "seconds between the page's own refreshes"),
+    "web_days": Key(_int_in(1, 365), "7", "days of studies the page shows"),
 }

@@ -68,6 +68,7 @@ class Entry:
     id: int | None = None  # set once written
     time: str | None = None  # when it happened, if not now (a row rebuilt from the tree)
     facts: Facts | None = None  # what completion counts: study, instance, echo, sender (placed files)
+    size: int | None = None  # bytes of the file where it goes (the disk forecast's arrival rate)
 
 
 class Journal:
@@ -206,9 +207,9 @@ class Journal:
             db.executemany(
                 "INSERT INTO outcomes (id, time, outcome, done, kept, source, name, sop_uid, series_uid,"
                 " sha256, out_sha256, dest, reason, study_uid, instance, echo, frames, sender, received, frame_sets,"
-                " frames_missing, frames_note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " frames_missing, frames_note, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(first + number, e.time or stamp, e.outcome, done, int(e.kept), *self._source(e), e.sop_uid,
-                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason), *_facts(e))
+                  e.series_uid, e.sha256, e.out_sha256, _text(e.dest), _text(e.reason), *_facts(e), e.size)
                  for number, e in enumerate(entries)],
             )
             for number, entry in enumerate(entries):

@@ -107,7 +107,7 @@ class Batch:
             item.facts.folder = "/".join(folder)
             entry = Entry(decision.outcome, item.source, item.sop_uid, item.series_uid, item.sha256, dest,
                           kept=self.copy, out_sha256=None if item.out_sha256 == item.sha256 else item.out_sha256,
-                          facts=item.facts)
+                          facts=item.facts, size=item.size)
             renames = [
                 Entry(Outcome.RENAMED, str(self.tree.path((*folder, old))), dest=str(self.tree.path((*folder, new))),
                       reason="the series has several echoes")

@@ -85,7 +85,7 @@ class Quarantine:
         failpoints.hit("quarantine-slot")
         dest = str(self.dir / slot.name)
         entry = Entry(Outcome.QUARANTINED, item.source, item.sop_uid, sha256=item.sha256, dest=dest,
-                      reason=item.reason, kept=self.copy)
+                      reason=item.reason, kept=self.copy, size=st.st_size)
         if slot.holds is Holds.THIS_FILE:  # sort-once over the quarantine: a rejected file stays where it is
             self.journal.record([entry])
             return Handled(item.source, Outcome.QUARANTINED, f"{item.reason} (stays in the quarantine)")

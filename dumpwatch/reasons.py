@@ -101,3 +101,36 @@ def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
+
+
+# What kind of problem a quarantine reason names: the page groups by it, and /metrics labels
+# with it (a bounded set: a reason's own text holds sizes, values and names).
+KINDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (label, title, words the reason starts with or holds)
+    ("not_dicom", "not a DICOM file", ("not a DICOM file",)),
+    ("truncated", "truncated", ("truncated",)),
+    ("unreadable", "unreadable or damaged", ("unreadable", "a file meta that cannot be read", "damaged element",
+                                            "the deflated data set", "the file meta names transfer syntax")),
+    ("not_a_file", "not a regular file", ("a symbolic link", "a socket", ", not a file")),
+    ("dicomdir", "a DICOMDIR", ("a DICOMDIR",)),
+    ("sender_not_allowed", "sender not allowed", ("sender ",)),
+    ("no_sop_instance_uid", "no SOPInstanceUID", ("no SOPInstanceUID",)),
+    ("burned_in_annotation", "burned-in annotation", ("BurnedInAnnotation",)),
+    ("subject_not_mapped", "subject not in anon_subjects", ("subject not in the pseudonym map",)),
+    ("leak_check", "anonymisation leak check", ("leak check",)),
+    ("unsafe_name", "unsafe name in the tree", ("refusing the unsafe name", "unsafe folder name",
+                                                "in the sorted tree is not a folder")),
+    ("stopped_reader", "stopped the reading process", ("it stopped dumpwatch itself", "it stopped the reading")),
+    ("internal_error", "internal error", ("internal error",)),
+)
+OTHER = ("other", "other")
+TITLES = {label: title for label, title, _ in KINDS} | {OTHER[0]: OTHER[1]}
+
+
+def kind(reason: str | None) -> str:
+    """The label of a quarantine reason's kind (KINDS), 'other' if none fits."""
+    text = reason or ""
+    for label, _, words in KINDS:
+        if any(text.startswith(w) or (w.startswith(",") and w in text) for w in words):
+            return label
+    return OTHER[0]

@@ -2,7 +2,7 @@
 
 Version 1 is the journal as dumpwatch wrote it before it was versioned (user_version 0 with
 its tables there); version 2 records what completion and completeness need; version 3 the
-hook runs and notices that follow a completion. A journal opens
+hook runs and notices that follow a completion; version 4 file sizes, for the disk forecast. A journal opens
 at any older version and is migrated in place, each step in one transaction: a kill -9
 half-way leaves it at the version before. A journal from a newer dumpwatch is refused.
 """
@@ -146,7 +146,17 @@ CREATE TABLE marks (               -- where notices stand: the last quarantined 
 INSERT INTO marks (name, value) SELECT 'quarantine', COALESCE(MAX(id), 0) FROM outcomes;
 """
 
-LATEST = 3
+# Version 4: what the operators' view needs: each file's size (the tree's arrival rate in bytes,
+# for the disk forecast) and counts by outcome without reading every row. The index is partial:
+# a query uses it only when it names its whole WHERE (status.Tally's do), so it never draws the
+# planner away from the better index of another query that names an outcome.
+_V4 = """
+ALTER TABLE outcomes ADD COLUMN size INTEGER;  -- bytes of the file as placed (sorted) or as quarantined
+CREATE INDEX outcomes_counted ON outcomes(outcome, done) WHERE outcome IN ('sorted', 'duplicate', 'quarantined')
+    AND done = 1;
+"""
+
+LATEST = 4
 
 
 def _script(script: str) -> Callable[[sqlite3.Connection], None]:
@@ -164,7 +174,8 @@ def _script(script: str) -> Callable[[sqlite3.Connection], None]:
 
 
 # MIGRATIONS[n] takes a journal from version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _script(_V1), 1: _script(_V2), 2: _script(_V3)}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _script(_V1), 1: _script(_V2), 2: _script(_V3), 3: _script(_V4)}
 
 
 class NewerJournal(ConfigError):

@@ -9,9 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from dumpwatch import disk
 from dumpwatch.config import Config
 from dumpwatch.dumplock import LOCK_NAME, LockInfo, read_lock
 from dumpwatch.reasons import STILL_ARRIVING, disk_full
+from dumpwatch.reasons import kind as reason_kind
 from dumpwatch.report import for_status, status_lines
 from dumpwatch.text import printable
 
@@ -39,42 +41,51 @@ def listening(port: int) -> bool:
     return False
 
 
-def echo(port: int, aetitle: str) -> str | None:
-    """None if a DICOM service on 127.0.0.1:port answers a C-ECHO as aetitle; else why not.
+class Echo:
+    """A C-ECHO to 127.0.0.1:port as aetitle, under way while the rest of a report is made
+    (echoscu takes a good part of a report's time: it starts, reads DCMTK's dictionary, then
+    associates). DCMTK's echoscu, run as an argument list: no shell sees the AE title."""
 
-    DCMTK's echoscu, run as an argument list: no shell ever sees the configured AE title.
-    """
-    command = ["echoscu", "-to", str(_ECHO_TIMEOUT), "-ta", str(_ECHO_TIMEOUT), "-td", str(_ECHO_TIMEOUT),
-               "-aet", "DUMPWATCH-STATUS", "-aec", aetitle, "127.0.0.1", str(port)]
-    try:
-        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                errors="replace", timeout=5 * _ECHO_TIMEOUT, check=False)
-    except FileNotFoundError:
-        return "echoscu is not installed (apt-get install dcmtk)"
-    except subprocess.TimeoutExpired:
-        return f"no answer within {5 * _ECHO_TIMEOUT} s"
-    if result.returncode == 0:
-        return None
-    lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-    return lines[-1].removeprefix("F: ") if lines else f"exit status {result.returncode}"
+    def __init__(self, port: int, aetitle: str):
+        command = ["echoscu", "-to", str(_ECHO_TIMEOUT), "-ta", str(_ECHO_TIMEOUT), "-td", str(_ECHO_TIMEOUT),
+                   "-aet", "DUMPWATCH-STATUS", "-aec", aetitle, "127.0.0.1", str(port)]
+        try:
+            self.process: subprocess.Popen | None = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                errors="replace")
+        except FileNotFoundError:
+            self.process = None
+
+    def result(self) -> str | None:
+        """None if the service answered; else why not."""
+        if self.process is None:
+            return "echoscu is not installed (apt-get install dcmtk)"
+        try:
+            out, err = self.process.communicate(timeout=5 * _ECHO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+            return f"no answer within {5 * _ECHO_TIMEOUT} s"
+        if self.process.returncode == 0:
+            return None
+        lines = [line.strip() for line in (err + out).splitlines() if line.strip()]
+        return lines[-1].removeprefix("F: ") if lines else f"exit status {self.process.returncode}"
 
 
-def report(cfg: Config, own: LockInfo | None = None) -> dict:
+def report(cfg: Config, own: LockInfo | None = None, quarantined: list[dict] | None = None,
+           tally: Tally | None = None) -> dict:
     """Everything `status` shows, as plain data (`--json` prints it as it is). own: serve's
-    own lock, when serve asks (its health notices): read_lock would drop serve's lock."""
+    own lock, when serve asks (its health notices): read_lock would drop serve's lock.
+    quarantined: quarantine_files(), when the caller read them already (the web page).
+    tally: the caller's Tally, kept from one report to the next (the web page, serve)."""
     problems: list[str] = []
     result: dict = {"config": str(cfg.path) if cfg.path else None}
 
     up = listening(cfg.port)
     # Listening is not enough: another program may hold the port (storescp then stops with
-    # FATAL, and every sender fails). A DICOM service must answer.
-    refused = echo(cfg.port, cfg.aetitle) if up else "nothing listens"
-    result["storescp"] = {"port": cfg.port, "aetitle": cfg.aetitle, "listening": up, "answers": refused is None}
-    if not up:
-        problems.append(f"nothing listens on port {cfg.port}: storescp is not running")
-    elif refused:
-        problems.append(f"port {cfg.port} is open, but no DICOM service answers a C-ECHO there as AE title "
-                        f"{cfg.aetitle} (echoscu: {refused})")
+    # FATAL, and every sender fails). A DICOM service must answer: asked now, heard at the end.
+    pending = Echo(cfg.port, cfg.aetitle) if up else None
+    result["storescp"] = {"port": cfg.port, "aetitle": cfg.aetitle, "listening": up, "answers": False}
 
     dump = cfg.dir_dump
     holder = own if own is not None else read_lock(dump) if dump else None
@@ -102,7 +113,7 @@ def report(cfg: Config, own: LockInfo | None = None) -> dict:
         problems.append(f"a file in the dump is dated {-oldest:.0f} s in the future: the clocks of this machine"
                         " and the dump's file server disagree (check NTP)")
 
-    result.update(_from_journal(cfg.journal_path))
+    result.update(_from_journal(cfg.journal_path, tally))
     if result.get("journal_error"):
         problems.append(f"the journal {cfg.journal_path} cannot be read: {result['journal_error']}")
     rebuilt = (result.get("journal") or {}).get("rebuilt")
@@ -111,10 +122,31 @@ def report(cfg: Config, own: LockInfo | None = None) -> dict:
         problems.append(f"the journal was found new while the tree held files, at {rebuilt['started']}: its history"
                         f" before then is lost; {rebuilt['files']} files were rebuilt from the tree"
                         + ("" if rebuilt["finished"] else " (still under way)"))
-    result["quarantine"] = _quarantine(cfg.quarantine_dir)
+    result["quarantine"] = _quarantine(cfg.quarantine_dir, quarantined)
+    # No journal yet: nothing kept. A journal that cannot be read: no forecast.
+    filesystems = disk.measure(cfg, result.pop("kept_last_day", {} if "journal_error" not in result else None))
+    result["disk"] = disk.as_data(filesystems)
+    full, warnings = disk.judge(filesystems, cfg)
+    problems += full
+    refused = pending.result() if pending is not None else "nothing listens"
+    result["storescp"]["answers"] = refused is None
+    if not up:
+        problems.insert(0, f"nothing listens on port {cfg.port}: storescp is not running")
+    elif refused:
+        problems.insert(0, f"port {cfg.port} is open, but no DICOM service answers a C-ECHO there as AE title "
+                        f"{cfg.aetitle} (echoscu: {refused})")
     result["problems"] = problems
+    result["warnings"] = warnings
     result["healthy"] = not problems
     return result
+
+
+def exit_code(data: dict) -> int:
+    """status's exit status: 0 healthy, 1 unhealthy, 3 healthy with warnings (a disk filling)."""
+    return 1 if not data["healthy"] else WARNING_EXIT if data["warnings"] else 0
+
+
+WARNING_EXIT = 3
 
 
 def _backlog(dump: Path | None) -> tuple[int, float | None]:
@@ -138,39 +170,110 @@ def _backlog(dump: Path | None) -> tuple[int, float | None]:
     return count, None if oldest is None else time.time() - oldest
 
 
-def _from_journal(path: Path | None) -> dict:
+def _from_journal(path: Path | None, tally: Tally | None = None) -> dict:
     if path is None or not path.exists():
-        return {"sorted": {"last_hour": 0, "last_day": 0}, "last_series": None}
+        return {"sorted": {"last_hour": 0, "last_day": 0}, "last_series": None, "kept_last_day": {},
+                "totals": {"files": dict.fromkeys(_COUNTED, 0), "quarantined_by_kind": {}}}
     db = None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-
-        def since(seconds: int) -> int:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - seconds))
-            return db.execute("SELECT count(*) FROM outcomes WHERE time >= ? AND outcome = 'sorted' AND done = 1",
-                              (stamp,)).fetchone()[0]
-
-        counts = {"last_hour": since(3600), "last_day": since(86400)}
-        last = db.execute("SELECT dest, time FROM outcomes WHERE outcome = 'sorted' AND done = 1"
-                          " ORDER BY id DESC LIMIT 1").fetchone()
-        series = None
-        if last:
-            folder = os.path.dirname(last[0])
-            files = db.execute("SELECT count(*) FROM outcomes WHERE outcome = 'sorted' AND done = 1"
-                               " AND dest > ? AND dest < ?", (folder + "/", folder + "0")).fetchone()[0]
-            series = {"subject": os.path.basename(os.path.dirname(folder)), "series": os.path.basename(folder),
-                      "files": files, "last_file_at": last[1]}
-        completions = for_status(db, time.time())
-        rebuilt = None
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rebuilds'").fetchone():
-            row = db.execute("SELECT started, finished, files FROM rebuilds ORDER BY id DESC LIMIT 1").fetchone()
-            rebuilt = row and {"started": row[0], "finished": row[1], "files": row[2]}
+        return read_journal(db, path, tally)
     except sqlite3.Error as exc:
         return {"sorted": None, "last_series": None, "journal_error": str(exc)}
     finally:
         if db is not None:
             db.close()
-    return {"sorted": counts, "last_series": series, "journal": {"rebuilt": rebuilt}, "completion": completions}
+
+
+def read_journal(db: sqlite3.Connection, path: Path, tally: Tally | None = None) -> dict:
+    """What status tells from the journal. Each query reads by an index (tests/test_web.py
+    checks their plans): a report stays fast at a million rows."""
+
+    def since(seconds: int) -> int:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - seconds))
+        return db.execute("SELECT count(*) FROM outcomes WHERE time >= ? AND outcome = 'sorted' AND done = 1",
+                          (stamp,)).fetchone()[0]
+
+    counts = {"last_hour": since(3600), "last_day": since(86400)}
+    last = db.execute("SELECT dest, time FROM outcomes WHERE outcome = 'sorted' AND done = 1"
+                      " ORDER BY id DESC LIMIT 1").fetchone()
+    series = None
+    if last:
+        folder = os.path.dirname(last[0])
+        files = db.execute("SELECT count(*) FROM outcomes WHERE outcome = 'sorted' AND done = 1"
+                           " AND dest > ? AND dest < ?", (folder + "/", folder + "0")).fetchone()[0]
+        series = {"subject": os.path.basename(os.path.dirname(folder)), "series": os.path.basename(folder),
+                  "files": files, "last_file_at": last[1]}
+    completions = for_status(db, time.time())
+    totals = (tally or Tally()).totals(db, path)
+    kept = disk.kept_last_day(db) if "size" in _columns(db, "outcomes") else None
+    rebuilt = None
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rebuilds'").fetchone():
+        row = db.execute("SELECT started, finished, files FROM rebuilds ORDER BY id DESC LIMIT 1").fetchone()
+        rebuilt = row and {"started": row[0], "finished": row[1], "files": row[2]}
+    return {"sorted": counts, "last_series": series, "journal": {"rebuilt": rebuilt}, "completion": completions,
+            "totals": totals, "kept_last_day": kept}
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+_COUNTED = ("sorted", "duplicate", "quarantined")
+
+
+class Tally:
+    """Counts since the journal began, for /metrics (they only grow): files by outcome, files
+    quarantined by kind of reason, series and studies by state, completions, hook runs by state.
+
+    Counting a million rows by outcome takes a good part of a second, so a Tally is kept from
+    one report to the next: a row that is done is never changed again (nor deleted), so the
+    rows up to the first one still under way are counted once, and later only those after."""
+
+    def __init__(self) -> None:
+        self.journal: tuple[int, int] | None = None  # (device, inode) of the journal counted
+        self._reset()
+
+    def _reset(self) -> None:
+        self.upto = 0  # rows with id <= upto are in the counts below
+        self.files = dict.fromkeys(_COUNTED, 0)
+        self.kinds: dict[str, int] = {}
+
+    def _add(self, db: sqlite3.Connection, low: int, high: int | None, files: dict, kinds: dict) -> None:
+        bound = "" if high is None else " AND id <= ?"
+        values = (low,) if high is None else (low, high)
+        for outcome, count in db.execute(  # by the outcome index, within the id range
+                f"SELECT outcome, count(*) FROM outcomes WHERE outcome IN {_COUNTED} AND done = 1 AND id > ?{bound}"
+                " GROUP BY outcome", values):
+            files[outcome] += count
+        for reason, count in db.execute(  # (the partial index's WHERE, named whole, so that it is used)
+                f"SELECT reason, count(*) FROM outcomes WHERE outcome IN {_COUNTED} AND done = 1 AND"
+                f" outcome = 'quarantined' AND id > ?{bound} GROUP BY reason", values):
+            label = reason_kind(reason)
+            kinds[label] = kinds.get(label, 0) + count
+
+    def totals(self, db: sqlite3.Connection, path: Path) -> dict:
+        st = os.stat(path)
+        pending = db.execute("SELECT min(id) FROM outcomes WHERE done = 0").fetchone()[0]
+        upto = pending - 1 if pending is not None else db.execute("SELECT COALESCE(max(id), 0) FROM outcomes"
+                                                                   ).fetchone()[0]
+        if (st.st_dev, st.st_ino) != self.journal or upto < self.upto:  # another journal: count anew
+            self._reset()
+            self.journal = (st.st_dev, st.st_ino)
+        if upto > self.upto:
+            self._add(db, self.upto, upto, self.files, self.kinds)
+            self.upto = upto
+        files, kinds = dict(self.files), dict(self.kinds)
+        self._add(db, self.upto, None, files, kinds)  # done since, after a row still under way
+        result: dict = {"files": files, "quarantined_by_kind": dict(sorted(kinds.items()))}
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "series" in tables:
+            result["series"] = dict(db.execute("SELECT state, count(*) FROM series WHERE files > 0 GROUP BY state"))
+            result["completions"] = {k: 0 for k in ("series", "study")} | dict(
+                db.execute("SELECT kind, count(*) FROM completions WHERE again = 0 GROUP BY kind"))
+        if "hook_runs" in tables:
+            result["hook_runs"] = dict(db.execute("SELECT state, count(*) FROM hook_runs GROUP BY state"))
+        return result
 
 
 def _seconds(text: str) -> float:
@@ -181,15 +284,19 @@ def _seconds(text: str) -> float:
         return 0.0
 
 
-def _quarantine(folder: Path | None) -> dict:
-    result: dict = {"path": str(folder) if folder else None, "files": 0, "recent": []}
-    if folder is None or not folder.is_dir():
-        return result
-    reasons = []
-    for entry in os.scandir(folder):
+def quarantine_files(folder: Path | None) -> list[dict]:
+    """Every file in the quarantine with its reason (the first line of the file beside it) and
+    when it came (that file's time), newest first."""
+    found: list[dict] = []
+    if folder is None:
+        return found
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
         if entry.name.endswith(".reason.txt"):
             continue
-        result["files"] += 1
         reason_path = entry.path + ".reason.txt"
         try:
             with open(reason_path, encoding="utf-8", errors="replace") as file:
@@ -197,10 +304,18 @@ def _quarantine(folder: Path | None) -> dict:
             mtime = os.stat(reason_path).st_mtime
         except OSError:
             reason, mtime = "(no reason file)", 0.0
-        reasons.append((mtime, printable(entry.name), reason))
-    reasons.sort(reverse=True)
-    result["recent"] = [{"file": name, "reason": reason} for _, name, reason in reasons[:_RECENT]]
-    return result
+        found.append({"file": printable(entry.name), "reason": reason, "time": mtime, "kind": reason_kind(reason)})
+    found.sort(key=lambda item: (-float(item["time"]), item["file"]))
+    return found
+
+
+def _quarantine(folder: Path | None, files: list[dict] | None = None) -> dict:
+    files = quarantine_files(folder) if files is None else files
+    kinds: dict[str, int] = {}
+    for item in files:
+        kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+    return {"path": str(folder) if folder else None, "files": len(files), "by_kind": dict(sorted(kinds.items())),
+            "recent": [{"file": item["file"], "reason": item["reason"]} for item in files[:_RECENT]]}
 
 
 def render(data: dict) -> str:
@@ -240,5 +355,14 @@ def render(data: dict) -> str:
     lines.append(f"  quarantine   {quarantine['path']}: {quarantine['files']} files")
     for item in quarantine["recent"]:
         lines.append(f"               {item['file']}: {item['reason']}")
-    lines.append("healthy" if data["healthy"] else "UNHEALTHY: " + "; ".join(data["problems"]))
+    for number, fs in enumerate(data.get("disk") or []):
+        shown = disk.Filesystem(**fs).shown()
+        mark = {"warn": "  (WARNING)", "alarm": "  (ALARM)"}.get(fs["level"], "")
+        lines.append(("  disk         " if number == 0 else "               ") + shown + mark)
+    if not data["healthy"]:
+        lines.append("UNHEALTHY: " + "; ".join(data["problems"]))
+    elif data.get("warnings"):
+        lines.append("healthy, with a WARNING: " + "; ".join(data["warnings"]))
+    else:
+        lines.append("healthy")
     return "\n".join(lines)

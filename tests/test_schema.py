@@ -3,6 +3,7 @@ migrated in place, keeping every row; a migration cut short leaves the version b
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -43,13 +44,13 @@ def test_a_journal_from_the_release_before_is_migrated_in_place(released):
     assert rows(released, "PRAGMA user_version") == [(0,)] and len(before) == 66
     journal = Journal(released)
     try:
-        assert journal.migrated == [1, 2, 3]
+        assert journal.migrated == [1, 2, 3, 4]
         assert len(journal.find("junk.txt")) == 1  # the old rows answer as before
     finally:
         journal.close()
     assert rows(released, "PRAGMA user_version") == [(schema.LATEST,)]
     assert rows(released, f"SELECT {V1_COLUMNS} FROM outcomes ORDER BY id") == before
-    assert rows(released, "SELECT count(*) FROM outcomes WHERE instance IS NOT NULL") == [(0,)]
+    assert rows(released, "SELECT count(*) FROM outcomes WHERE instance IS NOT NULL OR size IS NOT NULL") == [(0,)]
     # Files quarantined before the upgrade were told of by the old way (status, the log): the
     # first quarantine notice starts after them.
     assert rows(released, "SELECT CAST(value AS INTEGER) FROM marks WHERE name = 'quarantine'") == \
@@ -67,6 +68,8 @@ def test_sorting_into_a_migrated_journal_records_series(released, tmp_path, test
     summary = sort_dir(tmp_path / "dump", read_config(site))
     assert summary.counts["sorted"] == 6 and len(summary.completions) == 4  # 2 series, 2 studies
     assert rows(released, "SELECT count(*) FROM outcomes") == [(72,)]
+    sizes = dict(rows(released, "SELECT dest, size FROM outcomes WHERE size IS NOT NULL"))
+    assert len(sizes) == 6 and all(os.path.getsize(dest) == size for dest, size in sizes.items())
     out = subprocess.run([sys.executable, "-m", "dumpwatch", "--config", str(site), "report"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "006-B0map" in out.stdout and "missing 28 (3-16, 19-32)" in out.stdout
@@ -112,7 +115,7 @@ def test_a_kill_during_a_migration_leaves_the_version_before(released):
     assert rows(released, "SELECT name FROM sqlite_master WHERE name IN ('series', 'studies')") == []
     journal = Journal(released)
     try:
-        assert journal.migrated == [2, 3]
+        assert journal.migrated == [2, 3, 4]
     finally:
         journal.close()
     assert rows(released, "SELECT count(*) FROM outcomes") == [(66,)]
@@ -121,7 +124,7 @@ def test_a_kill_during_a_migration_leaves_the_version_before(released):
 def test_a_new_journal_starts_at_the_latest_version(tmp_path):
     journal = Journal(tmp_path / "new.sqlite3")
     try:
-        assert journal.migrated == [1, 2, 3]
+        assert journal.migrated == [1, 2, 3, 4]
     finally:
         journal.close()
     assert rows(tmp_path / "new.sqlite3", "PRAGMA user_version") == [(schema.LATEST,)]

@@ -747,7 +747,10 @@ def test_a_full_staging_disk_pauses_sorting_and_says_so(tmp_path, testdata):
             wait_for(lambda: f"sorting paused for 10 s: {reason}" in serve.output()
                      or serve.process.poll() is not None, 60, "the pause")
             code, report = _status(cfg)
-            assert code == 1 and report["problems"] == [f"sorting is paused: {reason}"], report
+            assert code == 1 and report["problems"][0] == f"sorting is paused: {reason}", report
+            # (and the full disk itself, past disk_alarm)
+            assert report["problems"][1].startswith("the filesystem of the sorted tree is 100% full (alarm at 95%)")
+            assert len(report["problems"]) == 2, report
             assert report["watcher"]["paused"] == reason
             assert not (tmp_path / "site" / "quarantine").exists()
             filler.unlink()  # space again
