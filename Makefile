@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all install dcmtk test test-no-dcmtk run lint bench clean help
+.PHONY: all install dcmtk browser test test-no-dcmtk run lint bench clean help
 
 all: test ## run the tests (the default)
 
@@ -32,11 +32,17 @@ dcmtk: ## install DCMTK's storescp and storescu with apt-get when they are missi
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) dcmtk; \
 	  else echo "DCMTK is missing: as root, apt-get install dcmtk"; exit 1; fi; }
 
+# The status page's tests drive Debian's own chromium, headless, through its chromedriver.
+browser: ## install chromium and chromedriver (for the status page's tests) with apt-get when they are missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) chromium chromium-driver; \
+	  else echo "chromium is missing: as root, apt-get install chromium chromium-driver (its tests are skipped)"; fi; }
+
 # The end-to-end tests start storescp, which listens on every interface. As root, they run
 # in a network namespace of their own, where only loopback exists.
 ISOLATE := $(shell [ "$$(id -u)" = 0 ] && command -v ip >/dev/null && unshare --net true 2>/dev/null && echo yes)
 
-test: install dcmtk ## run the tests
+test: install dcmtk browser ## run the tests
 ifeq ($(ISOLATE),yes)
 	unshare --net -- sh -c 'ip link set lo up && exec $(BIN)/pytest $(PYTEST_ARGS)'
 else

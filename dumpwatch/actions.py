@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import tenacity
 
@@ -174,6 +175,7 @@ class Actions:
 
     def __init__(self, cfg: Config, db: sqlite3.Connection, lock_info: Callable[[], LockInfo]):
         self.cfg = cfg
+        self.tally: Any = None  # status.Tally, made by the first health check
         self.db = db
         self.lock_info = lock_info
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -188,6 +190,7 @@ class Actions:
         self.checking = False
         self.next_health = time.monotonic() + cfg.health_interval
         self.seen: list[bool] = []  # health as the last checks found it
+        self.seen_warnings: list[bool] = []  # whether they found a warning
         self.programs = {}
         for key in (hooks.SERIES, hooks.STUDY):
             template = getattr(cfg, key)
@@ -481,18 +484,21 @@ class Actions:
         future = self.health_pool.submit(self._check)
         future.add_done_callback(lambda f: self.events.put(_Health(f)))
 
-    def _check(self) -> tuple[bool, list[str]]:
+    def _check(self) -> tuple[bool, list[str], list[str]]:
         from dumpwatch import status  # status reads the configuration's files: imported where it is used
 
-        data = status.report(self.cfg, own=self.lock_info())
-        return data["healthy"], data["problems"]
+        if self.tally is None:
+            self.tally = status.Tally()  # kept: a million journal rows are counted once, not every check
+        data = status.report(self.cfg, own=self.lock_info(), tally=self.tally)
+        return data["healthy"], data["problems"], data["warnings"]
 
     def _checked(self, future: Future) -> None:
         try:
-            healthy, problems = future.result()
+            healthy, problems, warnings = future.result()
         except Exception as exc:  # noqa: BLE001
             log.warning("the health check failed: %s", exc)
             return
+        self._warned(warnings)
         self.seen = (self.seen + [healthy])[-2:]
         told = self.marks.get("health", "healthy") == "healthy"
         if len(self.seen) < 2 or self.seen[0] != self.seen[1] or healthy == told:
@@ -504,6 +510,22 @@ class Actions:
                        " SET value = excluded.value", ("healthy" if healthy else "unhealthy",))
         self.marks["health"] = "healthy" if healthy else "unhealthy"
         log.warning("%s", subject)
+
+    def _warned(self, warnings: list[str]) -> None:
+        """A warning (a disk past disk_warn, or filling within a day) is told once when it
+        starts, seen in two checks running, as health is; its end is only marked."""
+        self.seen_warnings = (self.seen_warnings + [bool(warnings)])[-2:]
+        told = self.marks.get("warning", "no") == "yes"
+        if len(self.seen_warnings) < 2 or self.seen_warnings[0] != self.seen_warnings[1] or bool(warnings) == told:
+            return
+        with transaction(self.db) as db:
+            if warnings:
+                subject, body = notify.warning(warnings, self.cfg.dir_out, self.cfg.notify_identifiers)
+                add_notice(db, self.cfg, time.time(), subject, body)
+                log.warning("%s", subject)
+            db.execute("INSERT INTO marks (name, value) VALUES ('warning', ?) ON CONFLICT (name) DO UPDATE"
+                       " SET value = excluded.value", ("yes" if warnings else "no",))
+        self.marks["warning"] = "yes" if warnings else "no"
 
     def _send(self) -> None:
         if self.sending or self.stopping.is_set():

@@ -28,6 +28,7 @@ from dumpwatch.send import Listing, Receiver, Result, SendError, Sent, check_rec
 from dumpwatch.sortonce import EXIT_ERROR, inside, sort_dir
 from dumpwatch.text import printable
 from dumpwatch.watcher import Server
+from dumpwatch.webcli import metrics_command, web_command, web_password
 from dumpwatch.workers import quiet_pydicom
 
 if TYPE_CHECKING:
@@ -111,6 +112,9 @@ cli.add_command(check_rules)
 cli.add_command(check_config)
 cli.add_command(where)
 cli.add_command(report_command)
+cli.add_command(web_command)  # the operators' view: webcli.py
+cli.add_command(web_password)
+cli.add_command(metrics_command)
 
 
 @cli.command("sort-once")

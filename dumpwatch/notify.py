@@ -62,7 +62,7 @@ def quarantine(rows: list, folder: Path | None, dir_out: Path | None, identifier
     for row in rows:
         reason = row["reason"] or "(no reason)"
         if not identifiers:
-            reason = _without_paths(reason, dir_out)
+            reason = without_paths(reason, dir_out)
         reasons[reason] = reasons.get(reason, 0) + 1
     ranked = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
     subject = f"dumpwatch: {len(rows)} file{'s' if len(rows) != 1 else ''} quarantined on {host()}"
@@ -73,7 +73,7 @@ def quarantine(rows: list, folder: Path | None, dir_out: Path | None, identifier
     return subject, body
 
 
-def _without_paths(reason: str, dir_out: Path | None) -> str:
+def without_paths(reason: str, dir_out: Path | None) -> str:
     """A reason without the tree's paths, nor any quoted text: the tree's folders can be
     patients' names, and reasons quote folder names ('20240101-DOE_JOHN' in the sorted tree is
     not a folder) and values read from headers. Only dumpwatch's own 'DICM' stays."""
@@ -86,10 +86,18 @@ def health(healthy: bool, problems: list[str], dir_out: Path | None, identifiers
     """Health changed: the problems as status words them, without the tree's paths (a file
     left in the dump or a paused move can name one) unless identifiers."""
     if not identifiers:
-        problems = [_without_paths(p, dir_out) for p in problems]
+        problems = [without_paths(p, dir_out) for p in problems]
     subject = f"dumpwatch on {host()}: " + ("healthy again" if healthy else "UNHEALTHY: " + "; ".join(problems))
     return subject[:300], {"event": "healthy" if healthy else "unhealthy", "host": host(), "healthy": healthy,
                            "problems": problems}
+
+
+def warning(warnings: list[str], dir_out: Path | None, identifiers: bool) -> tuple[str, dict]:
+    """A warning began (a disk past disk_warn, or filling within a day), worded as status does."""
+    if not identifiers:
+        warnings = [without_paths(w, dir_out) for w in warnings]
+    subject = f"dumpwatch on {host()}: WARNING: " + "; ".join(warnings)
+    return subject[:300], {"event": "warning", "host": host(), "healthy": True, "problems": warnings}
 
 
 def text(subject: str, body: dict) -> str:

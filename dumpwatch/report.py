@@ -87,8 +87,8 @@ def _series(row: sqlite3.Row) -> dict:
 
 
 def gather(db: sqlite3.Connection, since: float | None = None, subject: str | None = None,
-           incomplete: bool = False) -> list[dict]:
-    """Studies (newest first) with their series, as report prints them."""
+           incomplete: bool = False, limit: int | None = None) -> list[dict]:
+    """Studies (newest first) with their series, as report prints them; limit: at most so many."""
     values: list[float | str] = []
     where = ["EXISTS (SELECT 1 FROM series WHERE study_id = studies.id AND files > 0)"]
     if since is not None:
@@ -97,7 +97,7 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
     if subject:
         where.append("instr(lower(folder), lower(?)) > 0")
         values.append(subject)
-    studies = []
+    studies: list[dict] = []
     for study in db.execute(f"SELECT * FROM studies WHERE {' AND '.join(where)} ORDER BY last DESC, id DESC", values):
         runs = _hook_runs(db, study["id"])
         series = [{**_series(row), "hook": runs.get(row["id"])} for row in db.execute(
@@ -106,6 +106,8 @@ def gather(db: sqlite3.Connection, since: float | None = None, subject: str | No
             series = [s for s in series if s["verdict"] == completeness.INCOMPLETE or s["state"] != completion.COMPLETE]
             if not series:
                 continue
+        if limit is not None and len(studies) >= limit:
+            break
         studies.append({
             "study_uid": study["study_uid"], "folder": study["folder"], "study_date": study["study_date"],
             "state": study["state"], "first": iso(study["first"]), "last": iso(study["last"]),

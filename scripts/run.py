@@ -131,13 +131,14 @@ def port_holders(port: int) -> list[int]:
     return sorted(holders)
 
 
-def port_problem(port: int, config: Path) -> str | None:
-    """Why storescp could not listen on this port, or None if it can."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # As storescp binds: with SO_REUSEADDR, so that connections just closed do not count.
+def port_problem(port: int, config: Path, key: str = "port", doing: str = "receive", address: str = "") -> str | None:
+    """Why storescp (or with key web_port, the status page) could not listen on this port, or None if it can."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As storescp and http.server bind: with SO_REUSEADDR, so that connections just closed do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("", port))
+            probe.bind((address, port))
             return None
         except OSError as exc:
             error = exc
@@ -149,12 +150,13 @@ def port_problem(port: int, config: Path) -> str | None:
         else:
             held = (f"another program holds it (which, this user cannot see: as root, "
                     f"`ss -ltnp 'sport = :{port}'` shows it)")
-        return (f"dumpwatch cannot receive on port {port}: {held}.\n"
-                f"Stop that program, or set another port in {config} (port = ...).")
+        return (f"dumpwatch cannot {doing} on port {port}: {held}.\n"
+                f"Stop that program, or set another port in {config} ({key} = ...).")
     if error.errno == errno.EACCES:
-        return (f"dumpwatch cannot receive on port {port}: only root may listen on ports below 1024.\n"
-                f"Run make run as root, or set port = 11112 (DICOM's usual port) in {config}.")
-    return f"dumpwatch cannot receive on port {port}: {error.strerror}."
+        usual = "11112 (DICOM's usual port)" if key == "port" else "11180"
+        return (f"dumpwatch cannot {doing} on port {port}: only root may listen on ports below 1024.\n"
+                f"Run make run as root, or set {key} = {usual} in {config}.")
+    return f"dumpwatch cannot {doing} on port {port}: {error.strerror}."
 
 
 def take_run_lock(var: Path) -> tuple[int | None, str]:
@@ -216,7 +218,7 @@ class Runner:
         self.output_open = True
         self.pending = b""  # supervisord's output since its last line break
         self.lock_fd: int | None = None  # VAR/run.pid, held while we run
-        self.port = 0
+        self.port = self.web_port = 0
 
     # -- signals -------------------------------------------------------------------------
 
@@ -343,7 +345,7 @@ class Runner:
 
     def ready(self, dump: Path) -> bool:
         holder = read_lock(dump) if dump.is_dir() else None
-        return listening(self.port) and holder is not None
+        return listening(self.port) and holder is not None and listening(self.web_port)
 
     def run(self) -> int:
         try:
@@ -354,14 +356,15 @@ class Runner:
         if cfg.dir_dump is None or cfg.dir_out is None:
             say(f"make run: {self.config} must set dir_dump and dir_out")
             return 1
-        self.port = cfg.port
+        self.port, self.web_port = cfg.port, cfg.web_port
         self.var.mkdir(parents=True, exist_ok=True)
         self.lock_fd, other = take_run_lock(self.var)
         if self.lock_fd is None:
             say(f"dumpwatch is already running: `make run` (pid {other or '?'}) started it, with its files in "
                 f"{self.var}.\nStop it with Ctrl-C in its terminal, or with: kill {other or '<its pid>'}")
             return 1
-        problem = serve_in_the_way(cfg.dir_dump) or port_problem(cfg.port, self.config)
+        problem = (serve_in_the_way(cfg.dir_dump) or port_problem(cfg.port, self.config)
+                   or port_problem(cfg.web_port, self.config, "web_port", "serve the status page", cfg.web_bind))
         if problem:
             say(problem)
             return 1
@@ -429,8 +432,16 @@ class Runner:
                 "Send a test image from another terminal with:\n"
                 f"  {example_command(cfg.aetitle, cfg.port)}\n"
                 f"Check on it with: {shown(BIN / 'dumpwatch')} --config {config} status\n"
+                f"or on the status page: http://{web_host(cfg.web_bind)}:{cfg.web_port}/ (metrics at /metrics)\n"
                 f"Stop it with Ctrl-C. supervisord's own log: {shown(self.var / 'supervisord.log')}\n\n")
         self.relay(text.encode(errors="backslashreplace"))
+
+
+def web_host(bind: str) -> str:
+    """Where a browser on this machine finds the page bound to bind."""
+    if bind in ("0.0.0.0", "::"):
+        return "127.0.0.1" if bind == "0.0.0.0" else "[::1]"
+    return f"[{bind}]" if ":" in bind else bind
 
 
 def describe(status: int) -> str:

@@ -4,6 +4,7 @@ what tests import is in helpers.py (pytest advises against importing conftest)."
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -19,11 +20,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     from dcmtk import dcmtk_missing
 
     missing = dcmtk_missing()
+    no_browser = None if shutil.which("chromium") and shutil.which("chromedriver") else \
+        "chromium or chromedriver is missing (as root: apt-get install chromium chromium-driver)"
     for item in items:
         if "receiver" in item.fixturenames:
             item.add_marker(pytest.mark.dcmtk)
         if missing and item.get_closest_marker("dcmtk"):
             item.add_marker(pytest.mark.skip(reason=missing))
+        if no_browser and item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.skip(reason=no_browser))
 
 
 @pytest.fixture(scope="session")

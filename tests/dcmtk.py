@@ -53,9 +53,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "
 
 
 def write_config(folder: Path, **extra: object) -> Path:
-    """A site's configuration in folder: dump, sorted tree and quarantine beside it, a free port."""
-    lines = {"port": free_port(), "AETitle": "DUMPWATCH", "dir_dump": "dump", "dir_out": "sorted",
-             "dir_quarantine": "quarantine", "incomplete_timeout": 3, "workers": 2, **extra}
+    """A site's configuration in folder: dump, sorted tree and quarantine beside it, free ports."""
+    lines = {"port": free_port(), "web_port": free_port(), "AETitle": "DUMPWATCH", "dir_dump": "dump",
+             "dir_out": "sorted", "dir_quarantine": "quarantine", "incomplete_timeout": 3, "workers": 2, **extra}
     path = folder / "dumpwatch.cfg"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{key} = {value}\n" for key, value in lines.items()))

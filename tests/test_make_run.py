@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ class MakeRun:
 
     def __init__(self, cfg: Path, var: Path):
         self.cfg, self.var = cfg, var
-        self.port = read_config(cfg).port
+        self.port, self.web_port = read_config(cfg).port, read_config(cfg).web_port
         self.dump = cfg.parent / "dump"
         self.log = cfg.parent / "run.log"
         pipeline = f"{shlex.join(make_command(cfg, var))} 2>&1 | tee {shlex.quote(str(self.log))}"
@@ -137,10 +138,11 @@ class MakeRun:
         wait_for(lambda: READY in self.output() or self.shell.poll() is not None, START, "make run to be ready")
         assert READY in self.output(), self.output()
         # What it says is so: storescp listens, serve watches the dump.
-        wait_for(lambda: listening(self.port) and read_lock(self.dump), 30, "storescp and serve")
+        wait_for(lambda: listening(self.port) and read_lock(self.dump) and listening(self.web_port), 30,
+                 "storescp, serve and the status page")
         self.procs = descendants(self.shell.pid)
         commands = [command for _, command in self.procs.values()]
-        for program in ("make ", "tee ", "/supervisord ", "storescp --fork", "dumpwatch --config"):
+        for program in ("make ", "tee ", "/supervisord ", "storescp --fork", " serve", " web"):
             assert any(program in command for command in commands), (program, commands)
 
     def pid_of(self, word: str) -> int:
@@ -154,7 +156,8 @@ class MakeRun:
     def assert_all_gone(self) -> float:
         """Everything it started has ended and the port is free; how long that took."""
         started = time.monotonic()
-        wait_for(lambda: not still_running(self.procs) and not listening(self.port), GONE,
+        wait_for(lambda: not still_running(self.procs) and not listening(self.port) and not listening(self.web_port),
+                 GONE,
                  f"everything of make run to end: {still_running(self.procs)}")
         self.shell.wait(timeout=GONE)
         assert port_free(self.port)
@@ -219,12 +222,21 @@ def test_make_run_receives_refuses_a_second_run_and_ends_on_ctrl_c(make_run, tmp
     sorted_tree = run.cfg.parent / "sorted"
     wait_for(lambda: sorted_tree.exists() and tree_of(sorted_tree), 60, "the example sorted")
     assert list(tree_of(sorted_tree)) == ["20040826-CompressedSamples_MR1/001-NoSeriesDescription/0001.dcm"]
+    # The status page it names shows the study.
+    assert f"on the status page: http://127.0.0.1:{run.web_port}/ (metrics at /metrics)" in run.output()
+    def page() -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.web_port}/", timeout=30) as answer:
+            return answer.read()
+
+    # (serve counts a file into its series soon after it is placed; the page's report is 5 s old at most)
+    wait_for(lambda: b"<h3>20040826-CompressedSamples_MR1</h3>" in page(), 60, "the study on the status page")
 
     os.killpg(run.shell.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground process group
     took = run.assert_all_gone()
     print(f"Ctrl-C: all gone in {took:.1f} s")
     assert "stopped: dumpwatch (exit status 0)" in run.supervisord_log(), run.logs()
     assert "stopped: storescp (terminated by SIGTERM)" in run.supervisord_log(), run.supervisord_log()
+    assert "stopped: web (exit status 0)" in run.supervisord_log(), run.supervisord_log()
 
 
 @pytest.mark.parametrize("ending", ["tee ends", "the terminal closes", "make gets SIGTERM", "supervisord is killed"])
@@ -267,3 +279,13 @@ def test_a_taken_port_stops_make_run_at_once_with_a_clear_message(tmp_path):
     # Nothing was started: supervisord never ran, nor serve.
     assert not (tmp_path / "var" / "supervisord.log").exists()
     assert read_lock(cfg.parent / "dump") is None
+    # The status page's port taken: refused as clearly, naming its key.
+    web_port = read_config(cfg).web_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", web_port))
+        squatter.listen()
+        code, out, err = make_run_refused(cfg, tmp_path / "var")
+    assert code != 0
+    assert f"dumpwatch cannot serve the status page on port {web_port}: another program holds it: " in err, err
+    assert f"set another port in {cfg} (web_port = ...)." in err, err
+    assert not (tmp_path / "var" / "supervisord.log").exists()

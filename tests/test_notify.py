@@ -244,3 +244,21 @@ def test_quarantine_reasons_lose_the_trees_paths(tmp_path):
                                           f"{tmp_path}/sorted/20261201-Doe-Jane/003-t1/0001.dcm: Permission denied"],
                                   tmp_path / "sorted", identifiers=False)
     assert "Doe" not in subject + json.dumps(body) and "<dir_out>/... Permission denied" in subject
+
+
+@pytest.mark.dcmtk
+def test_a_disk_past_disk_warn_is_told_once(tmp_path):
+    """disk_warn = 1%: any disk warns, from the start; one warning notice, not one per check."""
+    webhooks = Webhooks()
+    site = write_config(tmp_path / "site", **IDLE, health_interval=1, notify_webhook=webhooks.url, disk_warn="1%")
+    scp, serve = Storescp(site), Serve(site)
+    try:
+        [told] = wait_for(lambda: webhooks.of("warning"), 30, "the warning notice")
+        assert told["healthy"] and "full (warning at 1%)" in told["problems"][0], told
+        time.sleep(3)  # three checks more, the warning still there: told once
+        assert len(webhooks.of("warning")) == 1 and not webhooks.of("unhealthy")
+        assert status(site).returncode == 3
+    finally:
+        assert serve.stop() == 0
+        scp.stop()
+        webhooks.stop()
