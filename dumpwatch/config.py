@@ -85,6 +85,7 @@ class Config:
     web_bind: str = "127.0.0.1"
     web_port: int = 11180
     web_passwords: Path | None = None
+    web_hosts: tuple[str, ...] = ()
     web_refresh: int = 30
     web_days: int = 7
     profile: Profile | None = None  # anon_profile's layers, compiled
@@ -408,6 +409,9 @@ def _after_the_scan(cfg: Config, seen: dict[str, int]) -> list[ConfigError]:
     if cfg.smtp_user and cfg.smtp_password_file is None:
         errors.append(ConfigError("a login needs smtp_password_file (the file holding its password)", where,
                                   seen.get("smtp_user"), "smtp_password_file"))
+    if cfg.web_port == cfg.port:
+        errors.append(ConfigError(f"web_port is {cfg.web_port}, storescp's port: choose another", where,
+                                  seen.get("web_port") or seen.get("port"), "web_port"))
     if cfg.disk_warn > cfg.disk_alarm:
         errors.append(ConfigError(f"disk_warn ({cfg.disk_warn}%) is above disk_alarm ({cfg.disk_alarm}%): the "
                                   "warning comes first", where, seen.get("disk_warn"), "disk_warn"))

@@ -67,6 +67,14 @@ def _bind(text: str) -> str:
     return text
 
 
+def _hosts(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", name):
+            raise ValueError(f"not a host name such as mri-sort.example.org: {name!r}")
+    return names
+
+
 def _aetitle(text: str) -> str:
     if not 1 <= len(text) <= 16:
         raise ValueError(f"an AE title has 1 to 16 characters, {text!r} has {len(text)}")
@@ -287,6 +295,8 @@ KEYS: dict[str, Key] = {
     "web_port": Key(_int_in(1, 65535), "11180", "their TCP port"),
     "web_passwords": Key(str, "(none: no login)", "a file of users and hashed passwords (dumpwatch web-password) "
                          "the page and /metrics ask for", kind="path", blank_ok=True),
+    "web_hosts": Key(_hosts, "(none: addresses and localhost)", "host names the page answers to without "
+                     "web_passwords, separated by commas (e.g. the name a reverse proxy passes on)", blank_ok=True),
     "web_refresh": Key(_int_in(5, 3600), "30", "seconds between the page's own refreshes"),
     "web_days": Key(_int_in(1, 365), "7", "days of studies the page shows"),
 }

@@ -23,7 +23,9 @@ from dumpwatch.config import Config, notify_from, smtp_port
 
 TIMEOUT = 30  # seconds for a mail server or a webhook to answer
 HIDDEN = "(not named: notify_identifiers = no)"
-QUOTED = re.compile(r"'(?!DICM')[^']*'" + r'|"[^"]*"')  # quoted text in a reason, but for 'DICM'
+# Quoted text in a reason, but for 'DICM': repr() quotes with ' (escaping any ' inside as \')
+# or, when the text holds a ' and no ", with ".
+QUOTED = re.compile(r"'(?!DICM')(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
 
 
 def host() -> str:

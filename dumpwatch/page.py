@@ -3,8 +3,8 @@ the browser itself. It shows what `status` and `report` know: health, recent stu
 their series, the quarantine by kind of reason, and the disks.
 
 It names no more than the sorted tree's folders do: study and series folders, AE titles,
-counts and times; never a patient ID, a UID, a hook's output, or text a reason quotes from
-a header.
+counts and times; never a patient ID, a study or series UID, a hook's output, or text a
+reason quotes from a header. Quarantined files are listed by their names in the quarantine.
 """
 
 from __future__ import annotations
@@ -71,10 +71,20 @@ def when(seconds: float | None, now: float) -> str:
     """A local time: 14:03 today, else 'Mon 30 Nov 14:03'."""
     if not seconds:
         return "-"
-    moment = datetime.fromtimestamp(seconds)
+    try:
+        moment = datetime.fromtimestamp(seconds)
+    except (ValueError, OverflowError, OSError):  # a file time no calendar holds (tmpfs, NFS allow them)
+        return "-"
     if moment.date() == datetime.fromtimestamp(now).date():
         return moment.strftime("%H:%M")
     return moment.strftime("%a %d %b %H:%M")
+
+
+def _day(seconds: float | None) -> object:
+    try:
+        return datetime.fromtimestamp(seconds).date() if seconds else None
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _iso(stamp: str | None) -> float | None:
@@ -82,7 +92,7 @@ def _iso(stamp: str | None) -> float | None:
         return None
     try:
         return datetime.fromisoformat(stamp).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 
@@ -191,8 +201,8 @@ def _disk(data: dict) -> str:
 
 
 def _studies(studies: list[dict], now: float, days: int) -> list[str]:
-    today = datetime.fromtimestamp(now).date()
-    recent = [s for s in studies if datetime.fromtimestamp(_iso(s["last"]) or 0).date() == today]
+    today = _day(now)
+    recent = [s for s in studies if _day(_iso(s["last"])) == today]
     earlier = [s for s in studies if s not in recent]
     parts = ['<section id="studies"><h2>Today</h2>']
     parts += [_study(s, now) for s in recent] or ['<p class="dim">No study has arrived today.</p>']

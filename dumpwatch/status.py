@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from dumpwatch import disk
 from dumpwatch.config import Config
@@ -56,6 +57,12 @@ class Echo:
         except FileNotFoundError:
             self.process = None
 
+    def close(self) -> None:
+        """Kill and reap echoscu if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
     def result(self) -> str | None:
         """None if the service answered; else why not."""
         if self.process is None:
@@ -78,13 +85,21 @@ def report(cfg: Config, own: LockInfo | None = None, quarantined: list[dict] | N
     own lock, when serve asks (its health notices): read_lock would drop serve's lock.
     quarantined: quarantine_files(), when the caller read them already (the web page).
     tally: the caller's Tally, kept from one report to the next (the web page, serve)."""
-    problems: list[str] = []
-    result: dict = {"config": str(cfg.path) if cfg.path else None}
-
     up = listening(cfg.port)
     # Listening is not enough: another program may hold the port (storescp then stops with
     # FATAL, and every sender fails). A DICOM service must answer: asked now, heard at the end.
     pending = Echo(cfg.port, cfg.aetitle) if up else None
+    try:
+        return _report(cfg, own, quarantined, tally, up, pending)
+    finally:
+        if pending is not None:
+            pending.close()  # (a report that failed half-way leaves no echoscu behind)
+
+
+def _report(cfg: Config, own: LockInfo | None, quarantined: list[dict] | None, tally: Tally | None, up: bool,
+            pending: Echo | None) -> dict:
+    problems: list[str] = []
+    result: dict = {"config": str(cfg.path) if cfg.path else None}
     result["storescp"] = {"port": cfg.port, "aetitle": cfg.aetitle, "listening": up, "answers": False}
 
     dump = cfg.dir_dump
@@ -176,7 +191,7 @@ def _from_journal(path: Path | None, tally: Tally | None = None) -> dict:
                 "totals": {"files": dict.fromkeys(_COUNTED, 0), "quarantined_by_kind": {}}}
     db = None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)  # (a # in a path)
         return read_journal(db, path, tally)
     except sqlite3.Error as exc:
         return {"sorted": None, "last_series": None, "journal_error": str(exc)}
@@ -234,7 +249,13 @@ class Tally:
         self.journal: tuple[int, int] | None = None  # (device, inode) of the journal counted
         self._reset()
 
+    @staticmethod
+    def _row(db: sqlite3.Connection, row_id: int) -> tuple | None:
+        found = db.execute("SELECT time, outcome, name FROM outcomes WHERE id = ?", (row_id,)).fetchone()
+        return tuple(found) if found else None
+
     def _reset(self) -> None:
+        self.mark: tuple | None = None  # the row with id upto, as counted
         self.upto = 0  # rows with id <= upto are in the counts below
         self.files = dict.fromkeys(_COUNTED, 0)
         self.kinds: dict[str, int] = {}
@@ -257,12 +278,13 @@ class Tally:
         pending = db.execute("SELECT min(id) FROM outcomes WHERE done = 0").fetchone()[0]
         upto = pending - 1 if pending is not None else db.execute("SELECT COALESCE(max(id), 0) FROM outcomes"
                                                                    ).fetchone()[0]
-        if (st.st_dev, st.st_ino) != self.journal or upto < self.upto:  # another journal: count anew
+        # Another journal (a new inode may be the old one's number: check the last row counted too)
+        if (st.st_dev, st.st_ino) != self.journal or upto < self.upto or self._row(db, self.upto) != self.mark:
             self._reset()
             self.journal = (st.st_dev, st.st_ino)
         if upto > self.upto:
             self._add(db, self.upto, upto, self.files, self.kinds)
-            self.upto = upto
+            self.upto, self.mark = upto, self._row(db, upto)
         files, kinds = dict(self.files), dict(self.kinds)
         self._add(db, self.upto, None, files, kinds)  # done since, after a row still under way
         result: dict = {"files": files, "quarantined_by_kind": dict(sorted(kinds.items()))}

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 CACHE = 5.0  # seconds a report serves every request (the page, /metrics)
 STUDIES = 100  # studies the page lists at most
 CONNECTIONS = 32  # at once; more are closed at once
-TIMEOUT = 20  # seconds a client has to send its request
+PER_CLIENT = 8  # at once from one address
+TIMEOUT = 20  # seconds a connection may last, request and answer (one request each)
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
 def loopback(address: str) -> bool:
@@ -56,20 +58,28 @@ def check_web(cfg: Config) -> Logins | None:
 
 
 class View:
-    """What the page and /metrics show, made at most every CACHE seconds."""
+    """What the page and /metrics show, made at most every CACHE seconds (a report that
+    failed too: while a fault lasts, requests do not each start another C-ECHO)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.lock = threading.Lock()
         self.made = 0.0
         self.data: dict | None = None
+        self.error: Exception | None = None
         self.tally = Tally()  # counts kept from one report to the next
 
     def get(self) -> dict:
         with self.lock:
-            if self.data is None or time.monotonic() - self.made > CACHE:
-                self.data = make_view(self.cfg, self.tally)
+            if (self.data is None and self.error is None) or time.monotonic() - self.made > CACHE:
                 self.made = time.monotonic()
+                try:
+                    self.data, self.error = make_view(self.cfg, self.tally), None
+                except Exception as exc:
+                    self.data, self.error = None, exc
+            if self.error is not None:
+                raise self.error
+            assert self.data is not None
             return self.data
 
 
@@ -106,12 +116,19 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(body=False)
 
     def answer(self, body: bool) -> None:
+        self.close_connection = True  # one request a connection: its deadline covers all of it
         logins = self.server.logins
+        if logins is None and not self.known_host():
+            # A name that is not this machine's, without logins: a web page elsewhere may have
+            # pointed its own name at 127.0.0.1 (DNS rebinding) to read this one.
+            self.send(HTTPStatus.MISDIRECTED_REQUEST, b"unknown host name: add it to web_hosts\n",
+                      "text/plain; charset=utf-8", body)
+            return
         if logins is not None:
             checked = logins.check(self.headers.get("Authorization"))
             if checked.user is None:
                 if self.headers.get("Authorization"):
-                    log.warning("web: login refused from %s: %s", self.client_address[0], checked.why)
+                    log.warning("web: login refused from %s: %s", self.client_address[0], checked.why[:200])
                     time.sleep(WRONG_WAIT)
                 self.send(HTTPStatus.UNAUTHORIZED, b"a login is needed\n", "text/plain; charset=utf-8", body,
                           {"WWW-Authenticate": 'Basic realm="dumpwatch", charset="UTF-8"'})
@@ -132,10 +149,45 @@ class Handler(BaseHTTPRequestHandler):
             self.send(HTTPStatus.INTERNAL_SERVER_ERROR, b"dumpwatch web cannot make this page now: its log says "
                       b"why\n", "text/plain; charset=utf-8", body)
 
+    def known_host(self) -> bool:
+        """The Host header names this machine: an address, localhost, or a name in web_hosts."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+            else host
+        if not name:
+            return True  # HTTP/1.0 without Host: no browser sends that
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in LOOPBACK_NAMES or name in self.server.hosts
+
+    def setup(self) -> None:
+        super().setup()
+        # A deadline for the whole connection (the socket's timeout is per read): a client that
+        # sends a byte now and then, or reads the answer as slowly, is cut off after TIMEOUT s.
+        self.deadline = threading.Timer(TIMEOUT, self._cut)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        try:
+            super().finish()
+        except OSError:
+            pass
+
     def send(self, code: HTTPStatus, data: bytes, kind: str, body: bool, extra: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
         self.send_header("Cache-Control", "no-store")  # folder names: not for shared caches or the back button
         self.send_header("Content-Security-Policy", page.POLICY)
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -157,21 +209,41 @@ class Server(ThreadingHTTPServer):
     def __init__(self, cfg: Config, logins: Logins | None):
         self.view = View(cfg)
         self.logins = logins
+        self.hosts = {name.lower() for name in cfg.web_hosts}
         self.slots = threading.BoundedSemaphore(CONNECTIONS)
+        self.clients: dict[str, int] = {}  # connections open, by address
+        self.clients_lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in cfg.web_bind else socket.AF_INET
         super().__init__((cfg.web_bind, cfg.web_port), Handler)
 
     def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)  # too many at once: this one is closed, the others go on
-            return
-        super().process_request(request, client_address)
+        address = client_address[0]
+        with self.clients_lock:
+            mine = self.clients.get(address, 0)
+            if mine >= PER_CLIENT or not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # too many at once: this one is closed, the others go on
+                return
+            self.clients[address] = mine + 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(address)
+            raise
+
+    def _release(self, address: str) -> None:
+        with self.clients_lock:
+            left = self.clients.get(address, 1) - 1
+            if left:
+                self.clients[address] = left
+            else:
+                self.clients.pop(address, None)
+            self.slots.release()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._release(client_address[0])
 
 
 def serve_web(cfg: Config, ready: threading.Event | None = None) -> Server:

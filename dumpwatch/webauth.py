@@ -17,6 +17,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -89,11 +90,22 @@ def set_password(path: Path, user: str, password: str | None) -> bool:
         lines = []
     kept = [line for line in lines if line.partition(":")[0].strip() != user]
     existed = len(kept) != len(lines)
+    try:
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None
     if password is not None:
         kept.append(f"{user}:{hash_password(password)}")
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(handle, 0o640)  # the web program's group may read it; nobody else
+        if old is not None:  # as it was: its group is the web program's (chgrp, as the README says)
+            try:
+                os.fchown(handle, old.st_uid if os.geteuid() == 0 else -1, old.st_gid)
+            except PermissionError:  # not root, and not in that group: the file gets the user's own
+                pass
+            os.fchmod(handle, stat.S_IMODE(old.st_mode) & 0o640)
+        else:
+            os.fchmod(handle, 0o640)  # the web program's group may read it; nobody else
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write("".join(line + "\n" for line in kept))
             file.flush()
@@ -136,9 +148,10 @@ class Logins:
             self.passed.clear()
 
     def check(self, header: str | None) -> Checked:
-        if not header or not header.startswith("Basic "):
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic" or not token:
             return Checked(None, "no login given")
-        key = hmac.digest(self.secret, header.encode(errors="surrogateescape"), "sha256")
+        key = hmac.digest(self.secret, token.encode(errors="surrogateescape"), "sha256")
         with self.lock:
             try:
                 self.reload()
@@ -148,13 +161,14 @@ class Logins:
             if known and known[1] > time.monotonic():
                 return Checked(known[0])
             try:
-                user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
+                user, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
             except (binascii.Error, ValueError):
                 return Checked(None, "a login that is not base64 user:password")
             hashed = self.users.get(user)
             ok = verify(password, hashed or self.dummy) and hashed is not None  # as slow for unknown users
             if not ok:
-                return Checked(None, f"wrong password for user {user!r}" if hashed else f"unknown user {user!r}")
+                shown = repr(user[:64]) + ("..." if len(user) > 64 else "")
+                return Checked(None, f"wrong password for user {shown}" if hashed else f"unknown user {shown}")
             if len(self.passed) > 1000:
                 self.passed.clear()
             self.passed[key] = (user, time.monotonic() + REMEMBER)

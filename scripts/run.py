@@ -45,6 +45,7 @@ from dumpwatch.dumplock import read_lock
 from dumpwatch.errors import ConfigError
 from dumpwatch.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from dumpwatch.status import listening
+from dumpwatch.web import check_web
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's: supervisord and dumpwatch are beside it
@@ -362,6 +363,11 @@ class Runner:
         if self.lock_fd is None:
             say(f"dumpwatch is already running: `make run` (pid {other or '?'}) started it, with its files in "
                 f"{self.var}.\nStop it with Ctrl-C in its terminal, or with: kill {other or '<its pid>'}")
+            return 1
+        try:
+            check_web(cfg)  # beyond loopback without logins: refused before anything starts
+        except ConfigError as exc:
+            say(f"make run: {exc}")
             return 1
         problem = (serve_in_the_way(cfg.dir_dump) or port_problem(cfg.port, self.config)
                    or port_problem(cfg.web_port, self.config, "web_port", "serve the status page", cfg.web_bind))

@@ -288,6 +288,18 @@ def test_the_tally_counts_each_row_once_across_reports(tmp_path):
     assert counts(tally)["files"] == {"sorted": 1, "duplicate": 0, "quarantined": 0}
     journal.close()
 
+    # A journal copied over this one (cp keeps the inode), with more rows than were counted.
+    other = tmp_path / "other.sqlite3"
+    journal = Journal(other)
+    journal.record(files("duplicate", 2) + files("quarantined", 1, "a DICOMDIR (MediaStorageSOPClassUID x)"))
+    journal.close()
+    for name in (path, other):
+        sqlite3.connect(name).execute("PRAGMA wal_checkpoint(TRUNCATE)").connection.close()
+    inode = path.stat().st_ino
+    shutil.copyfile(other, path)
+    assert path.stat().st_ino == inode
+    assert counts(tally)["files"] == {"sorted": 0, "duplicate": 2, "quarantined": 1} == counts(Tally())["files"]
+
 
 def test_metrics_as_a_textfile_for_node_exporter(tmp_path):
     """`dumpwatch metrics --textfile` writes what /metrics serves, parsed by Prometheus' parser;
@@ -347,3 +359,79 @@ newest row), the ones by time use the
             assert "outcomes_dest" in plan, (statement, plan)
         if "outcomes_counted" in plan:
             assert "outcome IN ('sorted', 'duplicate', 'quarantined') AND done = 1 AND" in statement, (statement, plan)
+
+
+def test_slow_crowding_and_foreign_clients_get_nowhere(tmp_path, monkeypatch):
+    """A client that trickles its request is cut off at the deadline; one address holds at
+    most PER_CLIENT connections; without logins, a Host that is not this machine's (DNS
+    rebinding) is refused; a long user name is cut in the log."""
+    import socket
+    import threading
+
+    from dumpwatch import web
+    from dumpwatch.webauth import Logins
+
+    monkeypatch.setattr(web, "TIMEOUT", 2)
+    cfg = read_config(write_config(tmp_path / "site", web_hosts="mri-sort.example.org"))
+    server = web.serve_web(cfg)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+
+    def ask(host: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", cfg.web_port), timeout=10) as client:
+            client.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            return client.recv(100)
+
+    try:
+        assert ask(f"127.0.0.1:{cfg.web_port}").startswith(b"HTTP/1.1 200 ")
+        assert b" 200 " in ask("localhost") and b" 200 " in ask("[::1]:80") and b" 200 " in ask("mri-sort.example.org")
+        assert b" 421 " in ask(f"rebound.example.com:{cfg.web_port}")
+
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", cfg.web_port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\n")
+            try:
+                for _ in range(20):  # a header byte every 0.5 s: each read is in time, the whole is not
+                    time.sleep(0.5)
+                    slow.sendall(b"X")
+                cut = False
+            except OSError:
+                cut = True
+            if not cut:
+                cut = slow.recv(100) == b""
+        assert cut and time.monotonic() - started < 6
+
+        crowd = [socket.create_connection(("127.0.0.1", cfg.web_port), timeout=10) for _ in range(web.PER_CLIENT)]
+        time.sleep(0.3)
+        try:
+            with socket.create_connection(("127.0.0.1", cfg.web_port), timeout=10) as one_more:
+                one_more.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert one_more.recv(100) == b""  # closed at once
+        finally:
+            for client in crowd:
+                client.close()
+        wait_for(lambda: b" 200 " in ask("localhost"), 10, "connections again once the crowd left")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    passwords = tmp_path / "passwords"
+    set_password(passwords, "ra", "scanner-day-1")
+    header = "Basic " + base64.b64encode(("x" * 50_000 + ":pw").encode()).decode()
+    why = Logins(passwords).check(header).why
+    assert why.startswith("unknown user 'xxx") and len(why) < 100
+    assert Logins(passwords).check("basic " + base64.b64encode(b"ra:scanner-day-1").decode()).user == "ra"
+
+
+def test_a_new_password_keeps_the_files_group(tmp_path):
+    """The README says to chgrp the password file to the web program's group: a user added
+    later must not take that away (the web program could no longer read it)."""
+    passwords = tmp_path / "passwords"
+    set_password(passwords, "ra", "scanner-day-1")
+    if os.geteuid() != 0:
+        pytest.skip("chgrp to another group needs root")
+    os.chown(passwords, -1, 1)  # daemon's group, on Debian
+    set_password(passwords, "physicist", "scanner-day-2")
+    assert passwords.stat().st_gid == 1 and (passwords.stat().st_mode & 0o777) == 0o640
+    assert "physicist:scrypt$" in passwords.read_text() and "ra:scrypt$" in passwords.read_text()
