@@ -101,8 +101,8 @@ def _disk(filesystems: list[dict]) -> Iterator[Metric]:
     used = GaugeMetricFamily("dumpwatch_disk_used_ratio", "how full it is, as df shows it (0 to 1)", labels=["role"])
     level = GaugeMetricFamily("dumpwatch_disk_level", "0 below disk_warn, 1 at disk_warn, 2 at disk_alarm",
                               labels=["role"])
-    left = GaugeMetricFamily("dumpwatch_disk_hours_left", "hours until it is full at the last day's rate (absent: "
-                             "nothing kept, or files only pass through)", labels=["role"])
+    left = GaugeMetricFamily("dumpwatch_disk_fills_in_seconds", "time until it is full at the last day's rate "
+                             "(absent: nothing kept, or files only pass through)", labels=["role"])
     rate = GaugeMetricFamily("dumpwatch_disk_kept_bytes_per_day", "bytes kept on it in the last day (sorted, "
                              "quarantined)", labels=["role"])
     for fs in filesystems:
@@ -115,7 +115,7 @@ def _disk(filesystems: list[dict]) -> Iterator[Metric]:
             used.add_metric(label, round(fs["used_percent"] / 100, 4))
             level.add_metric(label, {"ok": 0, "warn": 1, "alarm": 2}[fs["level"]])
             if fs["hours_left"] is not None:
-                left.add_metric(label, fs["hours_left"])
+                left.add_metric(label, fs["hours_left"] * 3600)
             if fs["rate"] is not None:
                 rate.add_metric(label, fs["rate"])
     yield from (free, size, used, level, left, rate)
