@@ -250,7 +250,10 @@ def test_a_stop_finishes_the_file_in_hand_and_says_where_it_waits_when_slow(site
 
         worker = wait_for(stopped_worker, 30, "the worker to stop on the file")
         serve.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: "Timeout (0:00:20)!" in serve.log_file.read_text(), 60, "where serve waits, in its log")
+        # (the dump is written a line at a time: wait for the line sought, not for the first)
+        wait_for(lambda: re.search(r'File ".*/dumpwatch/watcher\.py", line \d+ in run', serve.log_file.read_text()),
+                 60, "where serve waits, in its log")
+        assert "Timeout (0:00:20)!" in serve.log_file.read_text()
         assert serve.process.poll() is None, serve.output()
         log = serve.log_file.read_text()
         assert "stopping: finishing the files in hand" in log
