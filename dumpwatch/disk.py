@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dumpwatch.config import Config
@@ -35,7 +35,6 @@ class Filesystem:
     rate: float | None = None  # bytes a day that stayed here in the last day (None: unknown)
     hours_left: float | None = None  # at that rate (None: no rate, or nothing arrived)
     error: str | None = None  # why it could not be measured
-    devices: set[int] = field(default_factory=set, repr=False)
 
     def shown(self) -> str:
         """One line: 'sorted tree, quarantine: 42.0% used, 120.3 GB free, about 310 hours left'."""
@@ -105,7 +104,7 @@ def measure(cfg: Config, kept: dict[str, float] | None) -> list[Filesystem]:
         used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
         free = vfs.f_bavail * vfs.f_frsize
         percent = 100.0 * used / (used + free) if used + free else 100.0
-        fs = Filesystem(str(path), [role], vfs.f_blocks * vfs.f_frsize, free, round(percent, 2), devices={device})
+        fs = Filesystem(str(path), [role], vfs.f_blocks * vfs.f_frsize, free, round(percent, 2))
         found[device] = fs
         shown.append(fs)
     for fs in shown:
@@ -123,7 +122,7 @@ def measure(cfg: Config, kept: dict[str, float] | None) -> list[Filesystem]:
 
 
 def as_data(filesystems: list[Filesystem]) -> list[dict]:
-    return [{k: v for k, v in asdict(fs).items() if k != "devices"} for fs in filesystems]
+    return [asdict(fs) for fs in filesystems]
 
 
 def judge(filesystems: list[Filesystem], cfg: Config) -> tuple[list[str], list[str]]:

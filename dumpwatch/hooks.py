@@ -63,20 +63,30 @@ FIELDS = {SERIES: SERIES_FIELDS, STUDY: {**STUDY_FIELDS, **STUDY_ONLY}}
 OUTPUT_FIELDS = {k: v for k, v in STUDY_FIELDS.items() if k not in ("output_dir", "dir_out", "study_dir")}
 
 
+def pieces(text: str, fields: dict[str, str], example: str, word: bool = False) -> list[tuple[str, str | None]]:
+    """text as (literal text, placeholder or None) pieces; ValueError unless each placeholder
+    is a bare name in fields. word: text is one argument of a hook, named in the messages."""
+    where = f"{text!r}: " if word else ""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc} (write {{{{ and }}}} for a literal brace)") from None
+    found: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (spec or conversion or not name.isidentifier()):
+            raise ValueError(f"{{{name}}}{f' in {text!r}' if word else ''}: a placeholder is a bare name such as "
+                             f"{{{example}}}")
+        if name is not None and name not in fields:
+            known = ", ".join("{" + f + "}" for f in sorted(fields))
+            raise ValueError(f"unknown placeholder {{{name}}} (known: {known})")
+        found.append((literal, name))
+    return found
+
+
 def check_output_dir(template: str) -> None:
     """ValueError unless hook_output_dir's placeholders are bare names it may use."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"{exc} (write {{{{ and }}}} for a literal brace)") from None
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if spec or conversion or not name.isidentifier():
-            raise ValueError(f"{{{name}}}: a placeholder is a bare name such as {{subject}}")
-        if name not in OUTPUT_FIELDS:
-            known = ", ".join("{" + f + "}" for f in sorted(OUTPUT_FIELDS))
-            raise ValueError(f"unknown placeholder {{{name}}} (known: {known})")
+    pieces(template, OUTPUT_FIELDS, "subject")
+
 
 def label(name: str) -> str:
     """A name's ASCII letters and digits only: what BIDS allows in a participant label."""
@@ -106,22 +116,7 @@ class Template:
             raise ValueError("names no program")
         args = []
         for word in words:
-            pieces: list[tuple[str, str | None]] = []
-            try:
-                parsed = list(string.Formatter().parse(word))
-            except ValueError as exc:
-                raise ValueError(f"{word!r}: {exc} (write {{{{ and }}}} for a literal brace)") from None
-            for literal, name, spec, conversion in parsed:
-                if name is None:
-                    pieces.append((literal, None))
-                    continue
-                if spec or conversion or not name.isidentifier():
-                    raise ValueError(f"{{{name}}} in {word!r}: a placeholder is a bare name such as {{series_dir}}")
-                if name not in fields:
-                    known = ", ".join("{" + f + "}" for f in sorted(fields))
-                    raise ValueError(f"unknown placeholder {{{name}}} (known: {known})")
-                pieces.append((literal, name))
-            args.append(tuple(pieces))
+            args.append(tuple(pieces(word, fields, "series_dir", word=True)))
         if any(name for _, name in args[0]):
             raise ValueError("the program (the first word) must be written out, not a placeholder")
         if not args[0] or not args[0][0][0]:

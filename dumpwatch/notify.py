@@ -75,13 +75,18 @@ def quarantine(rows: list, folder: Path | None, dir_out: Path | None, identifier
     return subject, body
 
 
+def unquoted(text: str) -> str:
+    """text without what it quotes (header values: names, UIDs), but for 'DICM'."""
+    return QUOTED.sub("'...'", text)
+
+
 def without_paths(reason: str, dir_out: Path | None) -> str:
     """A reason without the tree's paths, nor any quoted text: the tree's folders can be
     patients' names, and reasons quote folder names ('20240101-DOE_JOHN' in the sorted tree is
     not a folder) and values read from headers. Only dumpwatch's own 'DICM' stays."""
     if dir_out is not None:
         reason = re.sub(re.escape(str(dir_out).rstrip("/")) + r"/[^)\s]*", "<dir_out>/...", reason)
-    return QUOTED.sub("'...'", reason)
+    return unquoted(reason)
 
 
 def health(healthy: bool, problems: list[str], dir_out: Path | None, identifiers: bool) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from dumpwatch import __version__, completeness
 from dumpwatch.disk import Filesystem, forecast, gigabytes
-from dumpwatch.notify import QUOTED
+from dumpwatch.notify import unquoted
 from dumpwatch.reasons import TITLES
 from dumpwatch.report import hook_shown
 
@@ -60,11 +60,6 @@ POLICY = (f"default-src 'none'; style-src '{CSS_HASH}'; img-src data:; base-uri 
 
 def e(text: object) -> str:
     return html.escape(str(text), quote=True)
-
-
-def unquoted(text: str) -> str:
-    """A reason or problem without the text it quotes (header values: names, UIDs)."""
-    return QUOTED.sub("'...'", text)
 
 
 def when(seconds: float | None, now: float) -> str:
@@ -113,7 +108,8 @@ def study_date(text: str | None) -> str:
 
 def render(view: dict) -> str:
     """The page. view: status (status.report), studies (report.gather), quarantined
-    (status.quarantine_files), refresh (seconds), days, made (time.time())."""
+    (status.quarantine_files), refresh (seconds), days, watermarks (disk_warn, disk_alarm),
+    made (time.time())."""
     status, now = view["status"], view["made"]
     level = "bad" if not status["healthy"] else "warn" if status.get("warnings") else "ok"
     verdict = {"bad": "UNHEALTHY", "warn": "Healthy, with a warning", "ok": "Healthy"}[level]
@@ -134,7 +130,7 @@ def render(view: dict) -> str:
         parts.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in items) + "</ul>")
     parts.append(f'<p class="small">As of {e(datetime.fromtimestamp(now).strftime("%Y-%m-%d %H:%M:%S"))}; '
                  f'this page refreshes itself every {int(view["refresh"])} s.</p></header><main>')
-    parts += _receiver(status, now)
+    parts += _receiver(status, now, view["watermarks"])
     parts += _studies(view["studies"], now, view["days"])
     parts += _quarantine(status, view["quarantined"], now)
     parts.append(f'</main><footer>dumpwatch {e(__version__)} · <a href="metrics">metrics</a> · the same as '
@@ -143,7 +139,7 @@ def render(view: dict) -> str:
     return "\n".join(parts)
 
 
-def _receiver(status: dict, now: float) -> list[str]:
+def _receiver(status: dict, now: float, watermarks: tuple[int, int]) -> list[str]:
     scp, watcher, dump = status["storescp"], status["watcher"], status["dump"]
     rows = []
     if not scp["listening"]:
@@ -184,18 +180,19 @@ def _receiver(status: dict, now: float) -> list[str]:
         rows.append(("Notices", f'<span class="warned">{notices["waiting"]} waiting, {notices["failed"]} given up'
                                 "</span>"))
     for fs in status.get("disk") or []:
-        rows.append(("Disk", _disk(fs)))
+        rows.append(("Disk", _disk(fs, *watermarks)))
     body = "".join(f"<dt>{e(name)}</dt><dd>{value}</dd>" for name, value in rows)
     return ['<section id="receiver"><h2>Health</h2>', f"<dl>{body}</dl></section>"]
 
 
-def _disk(data: dict) -> str:
+def _disk(data: dict, warn: int, alarm: int) -> str:
     fs = Filesystem(**data)
     roles = e(", ".join(fs.roles))
     if fs.error:
         return f'{roles}: <span class="bad">cannot be measured ({e(fs.error)})</span>'
     mark = {"alarm": "bad", "warn": "warned"}.get(fs.level, "good")
-    meter = f'<meter min="0" max="100" low="85" high="95" optimum="0" value="{fs.used_percent:.1f}"></meter>'
+    meter = (f'<meter min="0" max="100" low="{warn}" high="{alarm}" optimum="0" value="{fs.used_percent:.1f}">'
+             "</meter>")
     return (f'{roles}: {meter} <span class="{mark}">{fs.used_percent:.0f}% used</span>, '
             f"{e(gigabytes(fs.free))} free; {e(forecast(fs))}")
 

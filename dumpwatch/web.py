@@ -20,7 +20,6 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from dumpwatch import metrics, page
 from dumpwatch.config import Config
@@ -99,7 +98,7 @@ def make_view(cfg: Config, tally: Tally | None = None) -> dict:
         finally:
             db.close()
     return {"status": status, "studies": studies, "quarantined": quarantined, "made": moment,
-            "refresh": cfg.web_refresh, "days": cfg.web_days}
+            "refresh": cfg.web_refresh, "days": cfg.web_days, "watermarks": (cfg.disk_warn, cfg.disk_alarm)}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -256,7 +255,3 @@ def serve_web(cfg: Config, ready: threading.Event | None = None) -> Server:
     if ready is not None:
         ready.set()
     return server
-
-
-def textfile(cfg: Config, path: Path) -> None:
-    metrics.write_textfile(report(cfg), path)
